@@ -1,0 +1,41 @@
+"""Built-in rulesets: the TOML files under `rules/`, shipped inside the wheel as `ownership/_rules`.
+
+Example:
+    >>> "vllm-ep-lora" in builtin_names()
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ownership.errors import RulesetError
+
+__all__ = ["builtin_dir", "builtin_names", "builtin_path"]
+
+
+def builtin_dir() -> Path:
+    """The folder of built-in rule files: inside the installed package, or `rules/` of a source checkout."""
+    packaged = Path(__file__).parent / "_rules"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).parent.parent / "rules"
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in rulesets (file stems)."""
+    return sorted(p.stem for p in builtin_dir().glob("*.toml") if not p.stem.endswith(".cases"))
+
+
+def builtin_path(name: str) -> Path:
+    """The file of a built-in ruleset; an unknown name lists the known ones."""
+    path = builtin_dir() / f"{name}.toml"
+    if not path.is_file():
+        raise RulesetError(
+            f"no built-in ruleset {name!r}",
+            found=repr(name),
+            expected=f"one of {', '.join(builtin_names())}, or a path to a .toml file",
+            fix="run `ownership rules list`, or pass a file path",
+            code="unknown-ruleset",
+        )
+    return path

@@ -1,0 +1,92 @@
+"""The library's exception types.
+
+Every error names what it is about (the file, the rule id, the key), what was found, what was expected and the
+fix, so a user can act on it without reading the source. Each field is optional; `str(error)` joins those given
+in a fixed order.
+
+Example:
+    >>> str(DecisionError("captured index out of range", key="x.experts.9.w", rule="routed-expert",
+    ...               found="9", expected="0..7 (num_experts=8)", fix="check num_experts"))
+    "rule 'routed-expert': key 'x.experts.9.w': captured index out of range: found 9, expected 0..7 (num_experts=8). Fix: check num_experts"
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "DecisionError",
+    "MeshError",
+    "OwnershipError",
+    "RulesetError",
+]
+
+
+class OwnershipError(Exception):
+    """Base class of every error this library raises on bad input.
+
+    `code` is a short stable id of the kind of problem (`unknown-axis`, `index-out-of-range`, ...), the same id
+    the linter reports it under.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        rule: str | None = None,
+        key: str | None = None,
+        found: str | None = None,
+        expected: str | None = None,
+        fix: str | None = None,
+        code: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.message = message
+        self.code = code
+        self.detail = detail
+        self.source = source
+        self.rule = rule
+        self.key = key
+        self.found = found
+        self.expected = expected
+        self.fix = fix
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = []
+        if self.source is not None:
+            where.append(self.source)
+        if self.rule is not None:
+            where.append(f"rule {self.rule!r}")
+        if self.key is not None:
+            where.append(f"key {self.key!r}")
+        text = ": ".join([*where, self.message])
+        facts = []
+        if self.found is not None:
+            facts.append(f"found {self.found}")
+        if self.expected is not None:
+            facts.append(f"expected {self.expected}")
+        if facts:
+            text += ": " + ", ".join(facts)
+        if self.fix is not None:
+            text += f". Fix: {self.fix}"
+        if self.detail is not None:
+            text += "\n" + self.detail
+        return text
+
+
+class RulesetError(OwnershipError):
+    """A rule file or ruleset is malformed: schema, pattern, layout, unknown axis or param."""
+
+
+class DecisionError(OwnershipError):
+    """A valid ruleset cannot decide a key: an index out of range, a shape that does not divide, an unmatched
+    key under `default = "error"`, two keys with one local name on a rank."""
+
+
+class MeshError(OwnershipError):
+    """A mesh specification or a rank is invalid."""
+
+
+class CheckpointError(OwnershipError):
+    """A checkpoint cannot be listed or read: missing, truncated or corrupt files, unsafe pickles, bad selections."""

@@ -1,0 +1,225 @@
+"""Plans: the decisions of one rank (or of every rank) over a checkpoint's entries, with byte totals.
+
+A plan is plain data: inspectable (`owned`), printable, serialisable (`to_json()`, the format documented in
+docs/plan-json.md) and explainable per key. Entries come from checkpoint headers, or from a key list where dtype
+and shape may be unknown (then bytes are not counted and rules that select part of a tensor need a shape).
+
+Example:
+    >>> from ownership import load_ruleset
+    >>> plan = load_ruleset("vllm-ep-lora").plan(
+    ...     ["m.layers.0.mlp.experts.5.w1.lora_A.weight", "m.layers.0.self_attn.q_proj.lora_A.weight"],
+    ...     mesh="ep=4", rank=2, params={"num_experts": 8})
+    >>> [d.key for d in plan.owned]
+    ['m.layers.0.mlp.experts.5.w1.lora_A.weight', 'm.layers.0.self_attn.q_proj.lora_A.weight']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ownership.compile import BoundRuleset
+from ownership.decision import Decision
+from ownership.dtypes import dtype_itemsize
+from ownership.errors import DecisionError
+from ownership.selection import selection_shape
+
+__all__ = ["EntryLike", "KeyEntry", "MeshPlan", "Plan", "build_mesh_plan", "build_plan"]
+
+
+class EntryLike(Protocol):
+    """What a plan needs of a checkpoint entry."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def dtype(self) -> str | None: ...
+    @property
+    def shape(self) -> tuple[int, ...] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """An entry known by name, optionally with dtype and shape (from `--keys` files or key lists)."""
+
+    key: str
+    dtype: str | None = None
+    shape: tuple[int, ...] | None = None
+
+
+def entry_nbytes(entry: EntryLike, decision: Decision | None = None) -> int | None:
+    """Bytes of the entry, or of the part a decision selects; None where dtype or shape is unknown."""
+    if entry.dtype is None or entry.shape is None:
+        return None
+    shape = entry.shape if decision is None else selection_shape(decision.selection, entry.shape)
+    count = 1
+    for size in shape:
+        count *= size
+    return count * dtype_itemsize(entry.dtype)
+
+
+@dataclass
+class Plan:
+    """One rank's owned decisions over a checkpoint's entries (`owned[i]` decides `entries[index[i]]`)."""
+
+    rank: int
+    coords: dict[str, int]
+    entries: list[EntryLike]
+    owned: list[Decision]
+    index: list[int]
+    ruleset: str = ""
+
+    def owned_entries(self) -> Iterator[tuple[EntryLike, Decision]]:
+        """(entry, decision) of every owned key, in checkpoint order."""
+        for i, decision in zip(self.index, self.owned, strict=True):
+            yield self.entries[i], decision
+
+    @property
+    def bytes_total(self) -> int:
+        """Bytes of every entry of the checkpoint (0 where dtype or shape is unknown)."""
+        return sum(entry_nbytes(e) or 0 for e in self.entries)
+
+    @property
+    def bytes_owned(self) -> int:
+        """Bytes of the parts this rank owns."""
+        return sum(entry_nbytes(e, d) or 0 for e, d in self.owned_entries())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "coords": self.coords,
+            "owned": [d.to_json() for d in self.owned],
+            "bytes_owned": self.bytes_owned,
+        }
+
+
+@dataclass
+class MeshPlan:
+    """Every rank's plan over one checkpoint, built from the strategies' inverses in one pass over the keys."""
+
+    ranks: list[Plan]
+    ruleset: str
+    mesh: dict[str, int]
+    params: dict[str, Any]
+
+    @property
+    def bytes_total(self) -> int:
+        return self.ranks[0].bytes_total if self.ranks else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ruleset": self.ruleset,
+            "mesh": self.mesh,
+            "params": self.params,
+            "bytes_total": self.bytes_total,
+            "ranks": [plan.to_json() for plan in self.ranks],
+        }
+
+
+def build_plan(bound: BoundRuleset, entries: Iterable[EntryLike], *, rank: int) -> Plan:
+    """Decide every entry for one rank; two owned keys with one local name are an error."""
+    rules = bound.for_rank(rank)
+    entry_list = list(entries)
+    owned: list[Decision] = []
+    index: list[int] = []
+    for i, entry in enumerate(entry_list):
+        decision = rules.decide(entry.key, entry.shape)
+        if decision.owned:
+            owned.append(decision)
+            index.append(i)
+    _check_local_names(owned, rank)
+    return Plan(
+        rank=rank,
+        coords=rules.coords,
+        entries=entry_list,
+        owned=owned,
+        index=index,
+        ruleset=bound.program.spec.name,
+    )
+
+
+def build_mesh_plan(bound: BoundRuleset, entries: Iterable[EntryLike]) -> MeshPlan:
+    """Every rank's plan in one pass: each key's owners come from the strategies' inverses."""
+    entry_list = list(entries)
+    mesh = bound.mesh
+    owned: list[list[Decision]] = [[] for _ in range(mesh.num_ranks)]
+    index: list[list[int]] = [[] for _ in range(mesh.num_ranks)]
+    for i, entry in enumerate(entry_list):
+        for rank, decision in bound.owners(entry.key, entry.shape):
+            owned[rank].append(decision)
+            index[rank].append(i)
+    plans = []
+    for rank in range(mesh.num_ranks):
+        _check_local_names(owned[rank], rank)
+        plans.append(
+            Plan(
+                rank=rank,
+                coords=mesh.coords(rank),
+                entries=entry_list,
+                owned=owned[rank],
+                index=index[rank],
+                ruleset=bound.program.spec.name,
+            )
+        )
+    return MeshPlan(ranks=plans, ruleset=bound.program.spec.name, mesh=dict(mesh.axes), params=bound.params)
+
+
+def _check_local_names(decisions: Sequence[Decision], rank: int) -> None:
+    seen: dict[str, Decision] = {}
+    for decision in decisions:
+        if decision.local_key is None:
+            continue
+        other = seen.get(decision.local_key)
+        if other is not None:
+            raise DecisionError(
+                f"two keys get the local name {decision.local_key!r} on rank {rank}",
+                key=decision.key,
+                rule=decision.rule,
+                found=f"{other.key!r} (rule {other.rule!r}) and {decision.key!r} (rule {decision.rule!r})",
+                expected="one key per local name on a rank",
+                fix="make the rename keep what tells the keys apart (e.g. the layer: {layer})",
+                code="local-name-collision",
+            )
+        seen[decision.local_key] = decision
+
+
+def entries_from_keys(items: Iterable[str | tuple[str, str | None, Sequence[int] | None]]) -> list[KeyEntry]:
+    """Entries from keys, or (key, dtype, shape) triples."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(KeyEntry(item))
+        else:
+            key, dtype, shape = item
+            out.append(KeyEntry(key, dtype, None if shape is None else tuple(shape)))
+    return out
+
+
+def read_keys_file(lines: Iterable[str], *, source: str) -> list[KeyEntry]:
+    """Parse a `--keys` file: one key a line, optionally `key<TAB>dtype<TAB>[d0,d1,...]`; '#' starts a comment."""
+    out = []
+    for number, line in enumerate(lines, start=1):
+        line = line.rstrip("\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split("\t")
+        key = fields[0].strip()
+        dtype = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
+        shape = None
+        if len(fields) > 2 and fields[2].strip():
+            text = fields[2].strip().strip("[]()")
+            try:
+                shape = tuple(int(x) for x in text.split(",") if x.strip())
+            except ValueError:
+                raise DecisionError(
+                    f"cannot read the shape on line {number}",
+                    source=source,
+                    key=key,
+                    found=repr(fields[2]),
+                    expected="[d0,d1,...]",
+                    fix="write the shape as a bracketed, comma-separated list of ints",
+                    code="bad-keys-file",
+                ) from None
+        out.append(KeyEntry(key, dtype, shape))
+    return out

@@ -1,0 +1,261 @@
+"""Rule files as strict data: pydantic models of rulesets, rules and placements, loaded from TOML.
+
+This layer only parses and checks shape: unknown fields, wrong types and duplicate rule ids are errors that name
+the file, the rule id and the field, and list what is allowed. What a rule means (patterns, layouts, axes,
+params) is checked by `ownership.check`; nothing here imports torch.
+
+Example:
+    >>> spec = parse_ruleset('''
+    ... name = "demo"
+    ... axes = ["ep"]
+    ... default = "replicate"
+    ... [params.num_experts]
+    ... [[rule]]
+    ... id = "routed-expert"
+    ... match = "**.experts.<expert>.**"
+    ... place = { expert = { over = "ep", strategy = "linear", size = "num_experts" } }
+    ... ''', source="demo.toml")
+    >>> spec.rules[0].place["expert"].strategy
+    'linear'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ownership.errors import RulesetError
+
+__all__ = [
+    "PARTITION_STRATEGIES",
+    "STRATEGIES",
+    "ParamSpec",
+    "ParamValue",
+    "PlacementSpec",
+    "RuleSpec",
+    "RulesetSpec",
+    "load_ruleset_spec",
+    "parse_ruleset",
+    "ruleset_json_schema",
+]
+
+PARTITION_STRATEGIES = ("linear", "round_robin", "table", "layers", "vllm_contiguous")
+STRATEGIES = (*PARTITION_STRATEGIES, "shard")
+
+ParamValue = int | str | list[int] | list[list[int]]
+SizeRef = int | str
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ParamSpec(_Strict):
+    """A model fact that rules refer to by name: a required value, or one with a default."""
+
+    doc: str = ""
+    default: ParamValue | None = None
+    choices: list[int | str] | None = None
+    config: list[str] = Field(
+        default_factory=list,
+        description="Dotted keys of config.json / adapter_config.json to read the value from, first found wins.",
+    )
+
+
+class PlacementSpec(_Strict):
+    """Place one named index (a key capture, a layout dim or factor) on a mesh axis.
+
+    `strategy` is a strategy name or the name of a param holding one. `size` is the index count (an int, a param
+    name or a product such as `num_heads*head_dim`); required for captures, inferred from the layout for dims.
+    """
+
+    over: str
+    strategy: str = "linear"
+    size: SizeRef | None = None
+    table: list[list[int]] | str | None = None
+    sizes: list[int] | str | None = Field(default=None, description="Explicit stage sizes for `layers`.")
+    parts: list[SizeRef] | None = Field(default=None, description="Unequal packed parts for `shard`.")
+    heads: list[SizeRef] | None = Field(
+        default=None,
+        description="Heads per part for `shard`: a part with fewer heads than coordinates is replicated.",
+    )
+    uneven: bool = Field(default=False, description="Allow `shard` of a size that does not divide.")
+
+
+class RuleSpec(_Strict):
+    """One ownership rule: a key pattern and where its indices live."""
+
+    id: str
+    doc: str = ""
+    match: str | None = Field(default=None, description="Full-match key template.")
+    regex: str | None = Field(
+        default=None, description="Raw full-match regex with named groups (escape hatch)."
+    )
+    layout: str | None = Field(
+        default=None, description="Tensor dims in einops notation, e.g. '(expert r) in'."
+    )
+    sizes: dict[str, SizeRef] = Field(default_factory=dict, description="Known sizes of layout factors.")
+    place: dict[str, PlacementSpec] = Field(default_factory=dict)
+    pin: dict[str, int | Literal["first", "last"]] = Field(default_factory=dict)
+    drop: bool = False
+    rename: str | None = None
+
+    @model_validator(mode="after")
+    def _one_pattern(self) -> RuleSpec:
+        if (self.match is None) == (self.regex is None):
+            raise ValueError("give exactly one of `match` (a template) or `regex`")
+        if self.drop and (self.place or self.pin or self.rename):
+            raise ValueError("a dropped rule places nothing: remove `place`, `pin` and `rename`, or `drop`")
+        return self
+
+
+class RulesetSpec(_Strict):
+    """An ordered list of rules; the first whose pattern fully matches a key decides it."""
+
+    name: str
+    summary: str = ""
+    families: list[str] = Field(default_factory=list, description="config.json model_type values it serves.")
+    axes: list[str]
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    default: Literal["error", "replicate", "drop"] = "error"
+    rules: list[RuleSpec] = Field(default_factory=list, alias="rule")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> RulesetSpec:
+        seen: set[str] = set()
+        for rule in self.rules:
+            if rule.id in seen:
+                raise ValueError(f"duplicate rule id {rule.id!r}: rule ids must be unique")
+            seen.add(rule.id)
+        if len(set(self.axes)) != len(self.axes):
+            raise ValueError(f"duplicate axis in axes = {self.axes}")
+        return self
+
+
+def parse_ruleset(text: str, *, source: str = "<string>") -> RulesetSpec:
+    """Parse a ruleset from TOML text; every problem is a `RulesetError` naming `source`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise RulesetError(
+            "not valid TOML",
+            source=source,
+            found=str(error),
+            fix="fix the TOML syntax at that line",
+            code="schema",
+        ) from None
+    return ruleset_from_data(data, source=source)
+
+
+def load_ruleset_spec(path: str | os.PathLike[str]) -> RulesetSpec:
+    """Parse a ruleset file (TOML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RulesetError("cannot read rule file", source=str(path), found=error.strerror) from None
+    return parse_ruleset(text, source=str(path))
+
+
+def ruleset_from_data(data: dict[str, Any], *, source: str) -> RulesetSpec:
+    """Validate already-parsed data (from TOML or JSON) into a `RulesetSpec`."""
+    try:
+        return RulesetSpec.model_validate(data)
+    except ValidationError as error:
+        raise _explain(error, data, source) from None
+
+
+def ruleset_json_schema() -> dict[str, Any]:
+    """The JSON Schema of rule files, for editors that validate TOML against a schema."""
+    schema = RulesetSpec.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ownership ruleset"
+    return schema
+
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "ruleset": RulesetSpec,
+    "rule": RuleSpec,
+    "placement": PlacementSpec,
+    "param": ParamSpec,
+}
+
+
+def _explain(error: ValidationError, data: dict[str, Any], source: str) -> RulesetError:
+    """Turn pydantic's first complaint into one error naming the rule id, the field and what is allowed."""
+    problems = error.errors()
+    first = problems[0]
+    loc = tuple(first["loc"])
+    rule_id, model, field_path = _locate(loc, data)
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    fields = _MODELS[model].model_fields
+    allowed = ", ".join(sorted(info.alias or name for name, info in fields.items()))
+    if first["type"] == "extra_forbidden":
+        return RulesetError(
+            f"unknown field {field_path!r}{more}",
+            source=source,
+            rule=rule_id,
+            found=repr(loc[-1]),
+            expected=f"one of: {allowed}",
+            fix="remove the field or correct its spelling",
+            code="schema",
+        )
+    if first["type"] == "missing":
+        return RulesetError(
+            f"missing required field {field_path!r}{more}",
+            source=source,
+            rule=rule_id,
+            fix=f"add {loc[-1]!r}",
+            code="schema",
+        )
+    found = first.get("input")
+    if first["type"] == "value_error":
+        return RulesetError(
+            str(first["msg"]).removeprefix("Value error, ") + more,
+            source=source,
+            rule=rule_id,
+            fix="see docs/rule-language.md",
+            code="schema",
+        )
+    return RulesetError(
+        f"invalid value for {field_path!r}: {first['msg']}{more}",
+        source=source,
+        rule=rule_id,
+        found=_short(found),
+        fix="see `ownership schema` or docs/rule-language.md for the allowed forms",
+        code="schema",
+    )
+
+
+def _locate(loc: tuple[Any, ...], data: dict[str, Any]) -> tuple[str | None, str, str]:
+    """From a pydantic location, find the rule id (if inside a rule), the model and a readable field path."""
+    rule_id: str | None = None
+    model = "ruleset"
+    parts: list[str] = []
+    if len(loc) >= 2 and loc[0] == "rule" and isinstance(loc[1], int):
+        rules = data.get("rule")
+        if isinstance(rules, list) and loc[1] < len(rules) and isinstance(rules[loc[1]], dict):
+            rule_id = str(rules[loc[1]].get("id", f"#{loc[1] + 1}"))
+        else:
+            rule_id = f"#{loc[1] + 1}"
+        model = "rule"
+        rest = loc[2:]
+        if len(rest) >= 2 and rest[0] == "place":
+            model = "placement" if len(rest) >= 3 else "rule"
+        parts = [str(p) for p in rest]
+    elif len(loc) >= 2 and loc[0] == "params":
+        model = "param" if len(loc) >= 3 else "ruleset"
+        parts = [str(p) for p in loc]
+    else:
+        parts = [str(p) for p in loc]
+    return rule_id, model, ".".join(parts) or "<root>"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
