@@ -211,9 +211,14 @@ def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | No
     try:
         compiled = _regex.compile(pattern)
     except _regex.error as error:
-        pos = error.pos if error.pos is not None else 0
+        pos: int = getattr(error, "pos", None) or 0
         raise _error(
-            str(error.msg), pattern, pos, rule=rule, source=source, fix="fix the regular expression"
+            str(getattr(error, "msg", error)),
+            pattern,
+            pos,
+            rule=rule,
+            source=source,
+            fix="fix the regular expression",
         ) from None
     if re.search(r"(?<!\\)\\[1-9]", pattern):
         raise _error(

@@ -31,6 +31,7 @@ __all__ = [
     "run_length",
     "runs_from_indices",
     "selection_nbytes_fraction",
+    "selection_read_count",
     "selection_shape",
     "selection_to_json",
 ]
@@ -77,6 +78,19 @@ def selection_nbytes_fraction(selection: Selection, shape: Sequence[int]) -> flo
         if dim is not None and size:
             fraction *= dim_length(dim, size) / size
     return fraction
+
+
+def selection_read_count(selection: Selection, shape: Sequence[int]) -> int:
+    """Elements a row-wise reader pulls from storage: the selected elements when only the first dim is
+    selected, else every element of the selected rows (a row's strided elements share its pages)."""
+    if selection is None or all(dim is None for dim in selection[1:]):
+        local = selection_shape(selection, shape)
+    else:
+        local = selection_shape((selection[0], *([None] * (len(shape) - 1))), shape)
+    count = 1
+    for size in local:
+        count *= size
+    return count
 
 
 def runs_from_indices(indices: Sequence[int]) -> tuple[Run, ...]:

@@ -1,0 +1,120 @@
+"""Opening any checkpoint by path: a file, a sharded index, a PEFT adapter folder or an HF model folder.
+
+Folders are recognised by their files, in this order: a PEFT adapter (`adapter_config.json` with
+`adapter_model.safetensors` or `.bin`), then weights (`model.safetensors`, `*.safetensors.index.json`,
+`pytorch_model.bin`, `pytorch_model.bin.index.json`, or a single `*.safetensors`/`*.bin`/`*.pt`). `config.json`
+(or, failing that, `adapter_config.json`) becomes the checkpoint's `config`, where params such as `num_experts`
+are read from.
+
+Example:
+    >>> import tempfile, json, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+    >>> _ = (folder / "config.json").write_text(json.dumps({"num_experts": 8}))
+    >>> with open_checkpoint(folder) as ckpt:
+    ...     ckpt.kind, ckpt.config["num_experts"], [e.key for e in ckpt.entries()]
+    ('hf-model', 8, ['w'])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ownership.errors import CheckpointError
+from ownership.formats.entry import Checkpoint
+from ownership.formats.safetensors_file import SafetensorsFile
+from ownership.formats.sharded import ShardedCheckpoint
+from ownership.formats.torch_file import TorchFile
+
+__all__ = ["open_checkpoint"]
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint file or folder, detecting its format from names and contents."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such file or folder", source=str(path), fix="check the path")
+    if path.is_file():
+        return _open_file(path, config=None)
+    adapter_config = _json(path / "adapter_config.json")
+    config = _json(path / "config.json")
+    merged = {**(adapter_config or {}), **(config or {})} if (adapter_config or config) else None
+    if adapter_config is not None:
+        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+            if (path / name).is_file():
+                checkpoint = _open_file(path / name, config=merged)
+                checkpoint.kind = "peft-adapter"
+                return checkpoint
+    for name in _WEIGHT_FILES:
+        if (path / name).is_file():
+            checkpoint = _open_file(path / name, config=merged)
+            if config is not None:
+                checkpoint.kind = "hf-model"
+            return checkpoint
+    candidates = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file()
+        and (
+            p.name.endswith((".safetensors", ".safetensors.index.json", *_TORCH_SUFFIXES, ".bin.index.json"))
+        )
+    )
+    indexes = [p for p in candidates if p.name.endswith(".index.json")]
+    if len(indexes) == 1:
+        return _open_file(indexes[0], config=merged)
+    if len(candidates) == 1:
+        return _open_file(candidates[0], config=merged)
+    raise CheckpointError(
+        "no checkpoint recognised in this folder",
+        source=str(path),
+        found=", ".join(p.name for p in candidates) or "no weight files",
+        expected="adapter_config.json + adapter_model.{safetensors,bin}, or one of "
+        + ", ".join(_WEIGHT_FILES)
+        + ", or a single .safetensors/.bin/.pt file",
+        fix="point at the weight file or index directly",
+    )
+
+
+def _open_file(path: Path, *, config: dict[str, Any] | None) -> Checkpoint:
+    if path.name.endswith(".index.json"):
+        return ShardedCheckpoint(path, config=config)
+    if path.suffix in _TORCH_SUFFIXES:
+        return TorchFile(path, config=config)
+    if path.suffix == ".safetensors":
+        return SafetensorsFile(path, config=config)
+    raise CheckpointError(
+        "unknown checkpoint file type",
+        source=str(path),
+        found=path.suffix or "no suffix",
+        expected=".safetensors, .bin, .pt, .pth or *.index.json",
+        fix="rename the file to its format's suffix",
+    )
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            "cannot read JSON", source=str(path), found=str(error), fix="fix or remove the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            "JSON is not an object", source=str(path), found=type(data).__name__, fix="fix or remove the file"
+        )
+    return data

@@ -1,0 +1,179 @@
+"""Entries, read statistics and the interface every checkpoint back-end implements.
+
+An `Entry` is what a checkpoint's headers say about one tensor: key, dtype, shape and the file holding its
+bytes. A `Checkpoint` lists entries without touching tensor data and reads one key with a selection (see
+`ownership.selection`), counting the bytes it pulls from storage in `stats`.
+
+Example:
+    >>> Entry("w", "BF16", (4, 8), "model.safetensors").nbytes
+    64
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ownership.dtypes import dtype_itemsize
+from ownership.errors import CheckpointError
+from ownership.selection import Selection
+
+__all__ = ["TORCH_DTYPES", "Checkpoint", "Entry", "ReadStats", "check_selection", "dtype_name", "torch_dtype"]
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "C64": torch.complex64,
+}
+for _name, _attr in (
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E8M0", "float8_e8m0fnu"),
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+):
+    if hasattr(torch, _attr):
+        TORCH_DTYPES[_name] = getattr(torch, _attr)
+_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+
+def torch_dtype(name: str, *, key: str, source: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise CheckpointError(
+            f"dtype {name!r} has no torch equivalent here",
+            source=source,
+            key=key,
+            found=name,
+            expected=f"one of {', '.join(TORCH_DTYPES)}",
+            fix="upgrade torch, or convert the checkpoint",
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One tensor as a checkpoint's headers describe it."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+
+    @property
+    def itemsize(self) -> int:
+        return dtype_itemsize(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.itemsize
+
+
+@dataclass
+class ReadStats:
+    """Running totals of tensor bytes pulled from storage, and of the files opened for tensor data."""
+
+    bytes_read: int = 0
+    files_opened: set[str] = field(default_factory=set)
+
+
+def check_selection(selection: Selection, shape: tuple[int, ...], *, key: str, source: str) -> None:
+    """A `CheckpointError` unless `selection` fits a tensor of `shape`."""
+    if selection is None:
+        return
+    if len(selection) != len(shape):
+        raise CheckpointError(
+            "selection does not fit the tensor",
+            source=source,
+            key=key,
+            found=f"{len(selection)} dims selected",
+            expected=f"{len(shape)} (shape {list(shape)})",
+            fix="plan with the checkpoint's own shapes",
+        )
+    for d, (dim, size) in enumerate(zip(selection, shape, strict=True)):
+        for run in dim or ():
+            start, stop, step = run
+            if (
+                step <= 0
+                or not 0 <= start <= size
+                or not 0 <= stop <= size
+                or (start < stop and stop - 1 >= size)
+            ):
+                raise CheckpointError(
+                    f"selection run {list(run)} on dim {d} is outside the tensor",
+                    source=source,
+                    key=key,
+                    found=f"run {list(run)}",
+                    expected=f"indices within 0..{size - 1} and step >= 1 (shape {list(shape)})",
+                    fix="plan with the checkpoint's own shapes",
+                )
+
+
+class Checkpoint(ABC):
+    """A checkpoint back-end: list entries from headers, read one key with a selection."""
+
+    kind: str = ""
+
+    def __init__(self, root: Path, *, config: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.config = config
+        self.stats = ReadStats()
+
+    @abstractmethod
+    def entries(self) -> list[Entry]:
+        """Every tensor, in file order, from headers and indexes alone."""
+
+    @abstractmethod
+    def read(self, key: str, selection: Selection = None) -> torch.Tensor:
+        """Exactly the selected elements of one tensor, contiguous, in selection order."""
+
+    def close(self) -> None:  # noqa: B027 - optional: back-ends without open files keep the default
+        """Release open files."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def entry(self, key: str) -> Entry:
+        """The entry of `key`; an unknown key is a `CheckpointError`."""
+        index: dict[str, Entry] | None = getattr(self, "_entry_index", None)
+        if index is None:
+            index = {e.key: e for e in self.entries()}
+            self._entry_index = index
+        try:
+            return index[key]
+        except KeyError:
+            raise CheckpointError(
+                "no such key in the checkpoint",
+                source=str(self.root),
+                key=key,
+                found=f"{len(index)} keys, not this one",
+                fix="list the keys with `ownership plan --all-ranks`, or check the spelling",
+            ) from None

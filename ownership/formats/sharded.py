@@ -1,0 +1,151 @@
+"""Sharded checkpoints: an index (`*.safetensors.index.json`, `pytorch_model.bin.index.json`) naming a file per key.
+
+Listing reads the index and each shard's header; tensor data is read only from the shards that hold the keys
+asked for. Index paths must stay inside the index's folder, every shard must exist, and each key must be in
+exactly the shard the index names.
+
+Example:
+    >>> import tempfile, json, torch
+    >>> from pathlib import Path
+    >>> from safetensors.torch import save_file
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> save_file({"a": torch.zeros(2)}, folder / "m-1.safetensors"); save_file({"b": torch.ones(2)}, folder / "m-2.safetensors")
+    >>> _ = (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors"}}))
+    >>> with ShardedCheckpoint(folder / "model.safetensors.index.json") as ckpt:
+    ...     ckpt.read("b").tolist(), sorted(Path(p).name for p in ckpt.stats.files_opened)
+    ([1.0, 1.0], ['m-2.safetensors'])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ownership.errors import CheckpointError
+from ownership.formats.entry import Checkpoint, Entry
+from ownership.formats.safetensors_file import SafetensorsFile
+from ownership.formats.torch_file import TorchFile
+from ownership.selection import Selection
+
+__all__ = ["ShardedCheckpoint"]
+
+
+class ShardedCheckpoint(Checkpoint):
+    """Shard files listed by an index JSON's `weight_map`."""
+
+    def __init__(self, index_path: str | os.PathLike[str], *, config: dict[str, Any] | None = None) -> None:
+        index_path = Path(index_path)
+        super().__init__(index_path, config=config)
+        self.folder = index_path.parent
+        self.kind = "torch-sharded" if index_path.name.endswith(".bin.index.json") else "safetensors-sharded"
+        self._weight_map = self._read_index(index_path)
+        self._shards: dict[str, Checkpoint] = {}
+        self._entries: list[Entry] | None = None
+
+    def _read_index(self, path: Path) -> dict[str, str]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CheckpointError(
+                "cannot read the index",
+                source=str(path),
+                found=str(error),
+                expected="a JSON object with a weight_map",
+                fix="re-download the index",
+            ) from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(
+                "index has no weight_map of key to file name",
+                source=str(path),
+                found=f"{type(weight_map).__name__}",
+                expected='{"weight_map": {"key": "file"}}',
+                fix="re-download the index",
+            )
+        root = self.folder.resolve()
+        for key, name in weight_map.items():
+            target = (self.folder / name).resolve()
+            if Path(name).is_absolute() or root not in target.parents:
+                raise CheckpointError(
+                    "index names a shard outside its folder",
+                    source=str(path),
+                    key=key,
+                    found=repr(name),
+                    expected=f"a file name inside {self.folder}",
+                    fix="the index is corrupt or malicious; use shard names without '..' or '/' at the start",
+                )
+            if not target.is_file():
+                raise CheckpointError(
+                    "index names a missing shard",
+                    source=str(path),
+                    key=key,
+                    found=repr(name),
+                    expected=f"the file {self.folder / name}",
+                    fix="download every shard the index lists",
+                )
+        return dict(weight_map)
+
+    def _shard(self, name: str) -> Checkpoint:
+        shard = self._shards.get(name)
+        if shard is None:
+            path = self.folder / name
+            display = str(path)
+            shard = (
+                TorchFile(path, display=display)
+                if name.endswith((".bin", ".pt", ".pth"))
+                else SafetensorsFile(path, display=display)
+            )
+            shard.stats = self.stats
+            self._shards[name] = shard
+        return shard
+
+    def entries(self) -> list[Entry]:
+        if self._entries is None:
+            self._entries = self._list()
+        return list(self._entries)
+
+    def _list(self) -> list[Entry]:
+        files = list(dict.fromkeys(self._weight_map.values()))
+        entries: list[Entry] = []
+        seen: dict[str, str] = {}
+        for name in files:
+            for entry in self._shard(name).entries():
+                if entry.key in seen:
+                    raise CheckpointError(
+                        "key is stored in two shards",
+                        source=str(self.root),
+                        key=entry.key,
+                        found=f"{seen[entry.key]} and {name}",
+                        expected="each key in one shard",
+                        fix="the shards come from different saves; re-download them together",
+                    )
+                seen[entry.key] = name
+                if self._weight_map.get(entry.key) == name:
+                    entries.append(entry)
+        for key, name in self._weight_map.items():
+            if seen.get(key) != name:
+                raise CheckpointError(
+                    "index lists a key its shard does not hold",
+                    source=str(self.root),
+                    key=key,
+                    found=f"not in {name}" + (f" (it is in {seen[key]})" if key in seen else ""),
+                    expected=f"the key in {name}",
+                    fix="the index and the shards come from different saves",
+                )
+        return entries
+
+    def read(self, key: str, selection: Selection = None) -> torch.Tensor:
+        name = self._weight_map.get(key)
+        if name is None:
+            self.entry(key)
+            raise AssertionError("unreachable")  # pragma: no cover
+        return self._shard(name).read(key, selection)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()

@@ -1,0 +1,47 @@
+"""Applying a selection to a tensor already in memory (or memory-mapped), copying only the selected elements.
+
+Example:
+    >>> import torch
+    >>> take(torch.arange(12).reshape(3, 4), (((0, 3, 2),), ((1, 3, 1),))).tolist()
+    [[1, 2], [9, 10]]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ownership.selection import DimSelection, Selection, dim_indices
+
+__all__ = ["take", "take_dims"]
+
+
+def _take_dim(tensor: torch.Tensor, d: int, dim: DimSelection) -> torch.Tensor:
+    if dim is None:
+        return tensor
+    if len(dim) == 1:
+        start, stop, step = dim[0]
+        if step == 1:
+            return tensor.narrow(d, start, stop - start)
+        return tensor.narrow(d, start, stop - start)[(slice(None),) * d + (slice(None, None, step),)]
+    index = torch.tensor(list(dim_indices(dim, tensor.shape[d])), dtype=torch.long)
+    return tensor.index_select(d, index)
+
+
+def take_dims(tensor: torch.Tensor, selection: Selection, *, first: int = 0) -> torch.Tensor:
+    """`tensor` with the selection of dims `first..` applied (views where possible)."""
+    if selection is None:
+        return tensor
+    for d in range(first, len(selection)):
+        tensor = _take_dim(tensor, d, selection[d])
+    return tensor
+
+
+def take(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The selected elements as a new contiguous tensor that shares no memory with `tensor`."""
+    out = take_dims(tensor, selection)
+    if (
+        out.data_ptr() == tensor.data_ptr()
+        or out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    ):
+        return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
