@@ -12,7 +12,7 @@ Example:
     >>> full = torch.arange(12.0).reshape(4, 3)
     >>> for rank, rows in enumerate([(0, 2, 1), (2, 4, 1)]):
     ...     d = Decision("w", owned=True, rule="r", local_key="w", selection=((rows,), None))
-    ...     save_shard(f"{folder}/{rank}.safetensors", [(d, (4, 3), full[rows[0]:rows[1]])], info={"rank": rank})
+    ...     _ = save_shard(f"{folder}/{rank}.safetensors", [(d, (4, 3), full[rows[0]:rows[1]])], info={"rank": rank})
     >>> tensors = assemble([f"{folder}/0.safetensors", f"{folder}/1.safetensors"])
     >>> torch.equal(tensors["w"], full)
     True

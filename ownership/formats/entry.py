@@ -137,10 +137,12 @@ class Checkpoint(ABC):
 
     kind: str = ""
 
-    def __init__(self, root: Path, *, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, root: Path, *, config: dict[str, Any] | None = None, stats: ReadStats | None = None
+    ) -> None:
         self.root = root
         self.config = config
-        self.stats = ReadStats()
+        self.stats = stats if stats is not None else ReadStats()
 
     @abstractmethod
     def entries(self) -> list[Entry]:

@@ -1,8 +1,4 @@
-"""A single safetensors file: entries from its JSON header, reads with `preadv` of exactly the owned rows.
-
-A selection on the first dim is read run by run, each contiguous run with one `preadv` straight into the
-tensor's memory; a run with a step reads row by row. Selections on other dims read the rows they span (the
-bytes of a row's strided elements share its pages anyway) in bounded blocks and keep only the owned elements.
+"""A single safetensors file: entries from its JSON header, reads of exactly the owned rows (see `rows`).
 
 Example:
     >>> import tempfile, torch
@@ -19,20 +15,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, check_selection, torch_dtype
-from ownership.formats.take import take_dims
-from ownership.selection import Run, Selection
+from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, torch_dtype
+from ownership.formats.rows import RowReader
+from ownership.selection import Selection
 
 __all__ = ["SafetensorsFile", "read_header"]
 
 _MAX_HEADER = 100 * 2**20
-# Rows read at once when other dims are selected: bounds staging memory independently of tensor size.
-_BLOCK_BYTES = 16 * 2**20
 
 
 def read_header(path: Path, *, display: str) -> tuple[list[Entry], dict[str, tuple[int, int]], int]:
@@ -121,79 +115,23 @@ class SafetensorsFile(Checkpoint):
         *,
         config: dict[str, Any] | None = None,
         display: str | None = None,
+        stats: ReadStats | None = None,
     ) -> None:
         path = Path(path)
-        super().__init__(path, config=config)
+        super().__init__(path, config=config, stats=stats)
         self.display = display or str(path)
         self._entries, self._ranges, self._data_start = read_header(path, display=self.display)
         self._by_key = {entry.key: entry for entry in self._entries}
-        self._handle: BinaryIO | None = None
+        self._reader = RowReader(path, stats=self.stats, display=self.display)
 
     def entries(self) -> list[Entry]:
         return list(self._entries)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def _fd(self) -> int:
-        if self._handle is None:
-            self._handle = self.root.open("rb", buffering=0)
-            self.stats.files_opened.add(str(self.root))
-        return self._handle.fileno()
+        self._reader.close()
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         entry = self._by_key.get(key) or self.entry(key)
         check_selection(selection, entry.shape, key=key, source=self.display)
         dtype = torch_dtype(entry.dtype, key=key, source=self.display)
-        begin = self._data_start + self._ranges[key][0]
-        if not entry.shape:
-            return self._read_rows(begin, 1, dtype, ()).reshape(())
-        rows, inner = (
-            (None, False) if selection is None else (selection[0], any(d is not None for d in selection[1:]))
-        )
-        row_shape = entry.shape[1:]
-        row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
-        runs: tuple[Run, ...] = rows if rows is not None else ((0, entry.shape[0], 1),)
-        pieces = []
-        for start, stop, step in runs:
-            if step == 1:
-                block_rows = max(1, _BLOCK_BYTES // max(row_bytes, 1)) if inner else max(stop - start, 1)
-                for block in range(start, stop, block_rows):
-                    count = min(block_rows, stop - block)
-                    piece = self._read_rows(begin + block * row_bytes, count, dtype, row_shape)
-                    pieces.append(take_dims(piece, selection, first=1) if inner else piece)
-            else:
-                for row in range(start, stop, step):
-                    piece = self._read_rows(begin + row * row_bytes, 1, dtype, row_shape)
-                    pieces.append(take_dims(piece, selection, first=1) if inner else piece)
-        if not pieces:
-            shape = list(entry.shape)
-            shape[0] = 0
-            return take_dims(torch.empty(shape, dtype=dtype), selection, first=1).contiguous()
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return out.contiguous()
-
-    def _read_rows(
-        self, offset: int, count: int, dtype: torch.dtype, row_shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        numel = count
-        for size in row_shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
-        fd = self._fd()
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise _corrupt(
-                    self.display, f"end of file after {done} of {nbytes} bytes", "the whole tensor"
-                )
-            done += got
-        self.stats.bytes_read += nbytes
-        if nbytes == 0:
-            return torch.empty((count, *row_shape), dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).view(count, *row_shape)
+        return self._reader.read(self._data_start + self._ranges[key][0], dtype, entry.shape, selection)

@@ -95,11 +95,10 @@ class ShardedCheckpoint(Checkpoint):
             path = self.folder / name
             display = str(path)
             shard = (
-                TorchFile(path, display=display)
+                TorchFile(path, display=display, stats=self.stats)
                 if name.endswith((".bin", ".pt", ".pth"))
-                else SafetensorsFile(path, display=display)
+                else SafetensorsFile(path, display=display, stats=self.stats)
             )
-            shard.stats = self.stats
             self._shards[name] = shard
         return shard
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, check_selection, dtype_name
+from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, dtype_name
+from ownership.formats.rows import RowReader
 from ownership.formats.take import take
 from ownership.selection import Selection, selection_read_count
 
@@ -48,15 +49,18 @@ class TorchFile(Checkpoint):
         *,
         config: dict[str, Any] | None = None,
         display: str | None = None,
+        stats: ReadStats | None = None,
     ) -> None:
         path = Path(path)
-        super().__init__(path, config=config)
+        super().__init__(path, config=config, stats=stats)
         self.display = display or str(path)
         self.mapped = True
         self._state = self._load(path)
         self._entries = [
             Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()
         ]
+        self._offsets = _file_offsets(path, self._state) if self.mapped else {}
+        self._reader = RowReader(path, stats=self.stats, display=self.display)
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
@@ -114,6 +118,7 @@ class TorchFile(Checkpoint):
         return list(self._entries)
 
     def close(self) -> None:
+        self._reader.close()
         self._state = {}
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
@@ -122,9 +127,51 @@ class TorchFile(Checkpoint):
             self.entry(key)
             raise AssertionError("unreachable")  # pragma: no cover
         check_selection(selection, tuple(tensor.shape), key=key, source=self.display)
+        offset = self._offsets.get(key)
+        if offset is not None:
+            # Read the owned rows with preadv: no mapped page of the file ever counts against this process.
+            return self._reader.read(offset, tensor.dtype, tuple(tensor.shape), selection)
         self.stats.files_opened.add(str(self.root))
         if self.mapped:
             self.stats.bytes_read += (
                 selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size()
             )
         return take(tensor, selection)
+
+
+def _file_offsets(path: Path, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """File offset of each contiguous tensor's first byte, for reading it with preadv.
+
+    `torch.load(mmap=True)` maps the whole zip once and makes every storage a slice of that mapping, so a
+    storage's address minus the mapping's base is its record's offset in the file. The base is found from the
+    lowest record and checked against every other one; anything that does not fit (compressed records, another
+    torch's layout) leaves the key to the memory-mapped path.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
+            offsets = []
+            for info in archive.infolist():
+                parts = info.filename.split("/")
+                if len(parts) < 3 or parts[-2] != "data" or not parts[-1].isdigit():
+                    continue
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return {}
+                handle.seek(info.header_offset)
+                local = handle.read(30)
+                name_length = int.from_bytes(local[26:28], "little")
+                extra_length = int.from_bytes(local[28:30], "little")
+                offsets.append(info.header_offset + 30 + name_length + extra_length)
+    except (OSError, zipfile.BadZipFile):
+        return {}
+    pointers = {t.untyped_storage().data_ptr() for t in state.values() if t.numel()}
+    if not pointers or not offsets:
+        return {}
+    base = min(pointers) - min(offsets)
+    known = set(offsets)
+    if any(pointer - base not in known for pointer in pointers):
+        return {}
+    return {
+        key: t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+        for key, t in state.items()
+        if t.numel() and t.is_contiguous()
+    }
