@@ -171,7 +171,7 @@ def _file_offsets(path: Path, state: dict[str, torch.Tensor]) -> dict[str, int]:
     if any(pointer - base not in known for pointer in pointers):
         return {}
     return {
-        key: t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+        key: t.untyped_storage().data_ptr() - base + int(t.storage_offset()) * t.element_size()
         for key, t in state.items()
         if t.numel() and t.is_contiguous()
     }
