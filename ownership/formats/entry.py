@@ -79,6 +79,8 @@ class Entry:
     dtype: str
     shape: tuple[int, ...]
     file: str
+    offset: int | None = None
+    """Where the tensor's bytes start in `file`, when they are stored row-major and uncompressed."""
 
     @property
     def itemsize(self) -> int:

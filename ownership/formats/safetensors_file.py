@@ -29,8 +29,8 @@ __all__ = ["SafetensorsFile", "read_header"]
 _MAX_HEADER = 100 * 2**20
 
 
-def read_header(path: Path, *, display: str) -> tuple[list[Entry], dict[str, tuple[int, int]], int]:
-    """Entries, byte ranges relative to the data section, and where the data section starts."""
+def read_header(path: Path, *, display: str) -> list[Entry]:
+    """Entries in file order, each with the absolute offset of its bytes; every range checked against the file."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -56,8 +56,7 @@ def read_header(path: Path, *, display: str) -> tuple[list[Entry], dict[str, tup
     if not isinstance(header, dict):
         raise _corrupt(display, "a header that is not a JSON object", "a JSON object")
     data_size = size - 8 - length
-    entries: list[tuple[int, Entry]] = []
-    ranges: dict[str, tuple[int, int]] = {}
+    entries: list[Entry] = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
@@ -71,7 +70,7 @@ def read_header(path: Path, *, display: str) -> tuple[list[Entry], dict[str, tup
             raise _corrupt(
                 display, f"a malformed header entry {info!r}", "dtype, shape and data_offsets", key=key
             ) from None
-        entry = Entry(key, dtype, shape, path.name)
+        entry = Entry(key, dtype, shape, path.name, offset=8 + length + begin)
         torch_dtype(dtype, key=key, source=display)
         if not 0 <= begin <= end <= data_size:
             raise _corrupt(
@@ -87,10 +86,9 @@ def read_header(path: Path, *, display: str) -> tuple[list[Entry], dict[str, tup
                 f"{entry.nbytes} bytes",
                 key=key,
             )
-        entries.append((begin, entry))
-        ranges[key] = (begin, end)
-    entries.sort(key=lambda item: item[0])
-    return [entry for _, entry in entries], ranges, 8 + length
+        entries.append(entry)
+    entries.sort(key=lambda entry: entry.offset or 0)
+    return entries
 
 
 def _corrupt(display: str, found: str, expected: str, *, key: str | None = None) -> CheckpointError:
@@ -120,7 +118,7 @@ class SafetensorsFile(Checkpoint):
         path = Path(path)
         super().__init__(path, config=config, stats=stats)
         self.display = display or str(path)
-        self._entries, self._ranges, self._data_start = read_header(path, display=self.display)
+        self._entries = read_header(path, display=self.display)
         self._by_key = {entry.key: entry for entry in self._entries}
         self._reader = RowReader(path, stats=self.stats, display=self.display)
 
@@ -134,4 +132,5 @@ class SafetensorsFile(Checkpoint):
         entry = self._by_key.get(key) or self.entry(key)
         check_selection(selection, entry.shape, key=key, source=self.display)
         dtype = torch_dtype(entry.dtype, key=key, source=self.display)
-        return self._reader.read(self._data_start + self._ranges[key][0], dtype, entry.shape, selection)
+        assert entry.offset is not None
+        return self._reader.read(entry.offset, dtype, entry.shape, selection)

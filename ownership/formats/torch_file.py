@@ -56,10 +56,11 @@ class TorchFile(Checkpoint):
         self.display = display or str(path)
         self.mapped = True
         self._state = self._load(path)
-        self._entries = [
-            Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()
-        ]
         self._offsets = _file_offsets(path, self._state) if self.mapped else {}
+        self._entries = [
+            Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name, offset=self._offsets.get(key))
+            for key, t in self._state.items()
+        ]
         self._reader = RowReader(path, stats=self.stats, display=self.display)
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
