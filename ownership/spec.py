@@ -104,6 +104,13 @@ class RuleSpec(_Strict):
     pin: dict[str, int | Literal["first", "last"]] = Field(default_factory=dict)
     drop: bool = False
     rename: str | None = None
+    variant: str | None = Field(
+        default=None,
+        description=(
+            "Rules that serve one checkpoint layout among several (e.g. per-expert or fused expert LoRA): the "
+            "linter expects every rule of a variant that is present to match, and at least one variant present."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_pattern(self) -> RuleSpec:

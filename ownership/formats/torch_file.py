@@ -1,9 +1,11 @@
-"""PyTorch `.bin`/`.pt` state dicts, memory-mapped so only the owned bytes are paged in.
+"""PyTorch `.bin`/`.pt` state dicts, reading only the owned bytes.
 
-Files are opened with `torch.load(mmap=True, weights_only=True)`: unpickling builds tensors over the mapped file
-without reading their data, and `weights_only` refuses anything but plain tensors and containers, so an
-arbitrary pickle is never executed. An old (non-zip) pickle cannot be memory-mapped; it is still loaded safely,
-whole, with a `WholeFileReadWarning`.
+A zip file written by `torch.save` is described by `torch_layout` (an allow-listed reading of its pickle) and
+its tensors are read with `preadv` like safetensors. Anything that description does not cover goes through
+`torch.load(mmap=True, weights_only=True)`: tensors over the mapped file, data untouched until a selection is
+copied; `weights_only` refuses anything but plain tensors and containers, so an arbitrary pickle is never
+executed. An old (non-zip) pickle cannot be memory-mapped; it is still loaded safely, whole, with a
+`WholeFileReadWarning`.
 
 Example:
     >>> import tempfile, torch
@@ -26,9 +28,10 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, dtype_name
+from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, dtype_name, torch_dtype
 from ownership.formats.rows import RowReader
 from ownership.formats.take import take
+from ownership.formats.torch_layout import tensor_layout
 from ownership.selection import Selection, selection_read_count
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
@@ -55,13 +58,19 @@ class TorchFile(Checkpoint):
         super().__init__(path, config=config, stats=stats)
         self.display = display or str(path)
         self.mapped = True
-        self._state = self._load(path)
-        self._offsets = _file_offsets(path, self._state) if self.mapped else {}
-        self._entries = [
-            Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name, offset=self._offsets.get(key))
-            for key, t in self._state.items()
-        ]
         self._reader = RowReader(path, stats=self.stats, display=self.display)
+        layout = tensor_layout(path) if path.is_file() and zipfile.is_zipfile(path) else None
+        self._state: dict[str, torch.Tensor] = {}
+        if layout is not None:
+            self._entries = [
+                Entry(key, t.dtype, t.shape, path.name, offset=t.offset) for key, t in layout.items()
+            ]
+        else:
+            self._state = self._load(path)
+            self._entries = [
+                Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()
+            ]
+        self._by_key = {entry.key: entry for entry in self._entries}
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
@@ -123,56 +132,16 @@ class TorchFile(Checkpoint):
         self._state = {}
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
-        tensor = self._state.get(key)
-        if tensor is None:
-            self.entry(key)
-            raise AssertionError("unreachable")  # pragma: no cover
-        check_selection(selection, tuple(tensor.shape), key=key, source=self.display)
-        offset = self._offsets.get(key)
-        if offset is not None:
+        entry = self._by_key.get(key) or self.entry(key)
+        check_selection(selection, entry.shape, key=key, source=self.display)
+        if entry.offset is not None:
             # Read the owned rows with preadv: no mapped page of the file ever counts against this process.
-            return self._reader.read(offset, tensor.dtype, tuple(tensor.shape), selection)
+            dtype = torch_dtype(entry.dtype, key=key, source=self.display)
+            return self._reader.read(entry.offset, dtype, entry.shape, selection)
+        tensor = self._state[key]
         self.stats.files_opened.add(str(self.root))
         if self.mapped:
             self.stats.bytes_read += (
                 selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size()
             )
         return take(tensor, selection)
-
-
-def _file_offsets(path: Path, state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """File offset of each contiguous tensor's first byte, for reading it with preadv.
-
-    `torch.load(mmap=True)` maps the whole zip once and makes every storage a slice of that mapping, so a
-    storage's address minus the mapping's base is its record's offset in the file. The base is found from the
-    lowest record and checked against every other one; anything that does not fit (compressed records, another
-    torch's layout) leaves the key to the memory-mapped path.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
-            offsets = []
-            for info in archive.infolist():
-                parts = info.filename.split("/")
-                if len(parts) < 3 or parts[-2] != "data" or not parts[-1].isdigit():
-                    continue
-                if info.compress_type != zipfile.ZIP_STORED:
-                    return {}
-                handle.seek(info.header_offset)
-                local = handle.read(30)
-                name_length = int.from_bytes(local[26:28], "little")
-                extra_length = int.from_bytes(local[28:30], "little")
-                offsets.append(info.header_offset + 30 + name_length + extra_length)
-    except (OSError, zipfile.BadZipFile):
-        return {}
-    pointers = {t.untyped_storage().data_ptr() for t in state.values() if t.numel()}
-    if not pointers or not offsets:
-        return {}
-    base = min(pointers) - min(offsets)
-    known = set(offsets)
-    if any(pointer - base not in known for pointer in pointers):
-        return {}
-    return {
-        key: t.untyped_storage().data_ptr() - base + int(t.storage_offset()) * t.element_size()
-        for key, t in state.items()
-        if t.numel() and t.is_contiguous()
-    }
