@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ownership.builtin import builtin_names, builtin_path
-from ownership.decision import Decision
+from ownership.decision import DEFAULT_RULE, Decision
 from ownership.errors import OwnershipError
 from ownership.params import coerce_param
 from ownership.plan import EntryLike, MeshPlan, Plan, entry_nbytes, read_keys_file
@@ -151,7 +151,8 @@ def _explain(args: argparse.Namespace) -> int:
     result = {
         "key": args.key,
         "shape": list(args.shape) if args.shape else None,
-        "rule": rule if rule is not None else f"<default: {ruleset.spec.default}>",
+        "rule": rule if rule is not None else DEFAULT_RULE,
+        "default": ruleset.spec.default,
         "captures": captures,
         "mesh": dict(mesh.axes),
         "owners": [
@@ -162,7 +163,7 @@ def _explain(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     print(f"key      {args.key}")
-    print(f"rule     {result['rule']}")
+    print(f"rule     {result['rule']}" + ("" if rule else f" ({ruleset.spec.default})"))
     if captures:
         print("captures " + ", ".join(f"{k}={v}" for k, v in captures.items()))
     num_owners = len(owners)
@@ -201,7 +202,7 @@ def _plan(args: argparse.Namespace) -> int:
         source, mesh=args.mesh, rank=None if args.all_ranks else args.rank, params=parse_params(args.param)
     )
     if args.format == "json":
-        print_json(_plan_json(result, ruleset))
+        print_json(_plan_json(result, ruleset, mesh=args.mesh))
         return 0
     if isinstance(result, MeshPlan):
         _print_mesh_plan(result, name)
@@ -210,12 +211,13 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_json(result: Plan | MeshPlan, ruleset: Ruleset) -> dict[str, Any]:
+def _plan_json(result: Plan | MeshPlan, ruleset: Ruleset, *, mesh: str) -> dict[str, Any]:
     if isinstance(result, MeshPlan):
         return result.to_json()
     return {
         "ruleset": ruleset.name,
-        "mesh": None,
+        "mesh": dict(to_mesh(mesh).axes),
+        "params": result.params,
         "bytes_total": result.bytes_total,
         "ranks": [result.to_json()],
     }

@@ -118,6 +118,15 @@ class BoundRule:
 
     def _bind_capture(self, name: str, group: str, placement: PlacementSpec) -> CapturePlacement:
         strategy_name = self._strategy_name(placement, name)
+        if strategy_name == "shard":
+            raise RulesetError(
+                f"captured index {name!r} cannot be sharded (strategy {placement.strategy!r} is 'shard')",
+                source=self.source,
+                rule=self.id,
+                expected="a partition strategy (linear, round_robin, table, layers, vllm_contiguous)",
+                fix=f"pass another value for --param {placement.strategy}",
+                code="bad-strategy",
+            )
         num_coords = self.mesh.size(placement.over)
         table = self._table(placement, num_coords) if strategy_name == "table" else None
         if placement.size is not None:
@@ -211,12 +220,26 @@ class BoundRule:
             return value
         raise DecisionError(
             f"captured {placement.name} {value} is out of range",
+            source=self.source,
             key=key,
             rule=self.id,
             found=str(value),
             expected=f"0..{placement.strategy.num_ids - 1} ({placement.size_text})",
             fix=f"check the param behind the size of {placement.name!r} against the checkpoint",
             code="index-out-of-range",
+        )
+
+    def bad_capture(self, placement: CapturePlacement, text: str | None, key: str) -> DecisionError:
+        """A placed capture that matched no digits (an optional or empty group of a raw regex)."""
+        return DecisionError(
+            f"placed capture {placement.name!r} did not capture an integer",
+            source=self.source,
+            key=key,
+            rule=self.id,
+            found=repr(text),
+            expected="one or more digits",
+            fix=f"make the group of {placement.name!r} match digits only and always, e.g. (?P<{placement.name}>[0-9]+)",
+            code="bad-capture",
         )
 
     def local_key(self, key: str, captures: Mapping[str, int | str], slots: Mapping[str, int]) -> str:
@@ -231,11 +254,12 @@ class BoundRule:
 
     def selection(self, shape: tuple[int, ...] | None, dim_coords: tuple[int, ...], key: str) -> Selection:
         """The selection for a tensor of `shape` on the given coordinates of the dim placements' axes."""
-        if not self.dims and self.rule.layout is None:
+        if not self.dims:
             return None
         if shape is None:
             raise DecisionError(
                 "this rule selects part of the tensor and needs its shape",
+                source=self.source,
                 key=key,
                 rule=self.id,
                 expected="a shape",
@@ -254,7 +278,7 @@ class BoundRule:
         """For each dim placement: (dim, factor position, strategy over its factor size)."""
         layout = self.rule.layout
         assert layout is not None
-        sizes = layout.resolve(shape, known=self.known_sizes, key=key, rule=self.id)
+        sizes = layout.resolve(shape, known=self.known_sizes, key=key, rule=self.id, source=self.source)
         out = []
         for dim in self.dims:
             d, f = layout.where(dim.name)
@@ -277,6 +301,7 @@ class BoundRule:
             if sum(p.size for p in parts) != num_ids:
                 raise DecisionError(
                     f"parts of {dim.name!r} do not add up to its size",
+                    source=self.source,
                     key=key,
                     rule=self.id,
                     found=f"parts {[p.size for p in parts]} (sum {sum(p.size for p in parts)})",
@@ -300,6 +325,7 @@ class BoundRule:
             if problem is not None:
                 raise DecisionError(
                     f"cannot shard {dim.name!r} over {dim.axis}={num_coords}: {problem}",
+                    source=self.source,
                     key=key,
                     rule=self.id,
                     found=f"{dim.name} of size {num_ids}",
@@ -312,7 +338,7 @@ class BoundRule:
     def _compute_selection(self, shape: tuple[int, ...], dim_coords: tuple[int, ...], key: str) -> Selection:
         layout = self.rule.layout
         assert layout is not None
-        sizes = layout.resolve(shape, known=self.known_sizes, key=key, rule=self.id)
+        sizes = layout.resolve(shape, known=self.known_sizes, key=key, rule=self.id, source=self.source)
         owned: dict[tuple[int, int], Sequence[int]] = {}
         for (d, f, strategy), coord in zip(self.dim_strategies(shape, key), dim_coords, strict=True):
             owned[(d, f)] = strategy.owned(coord)
@@ -353,6 +379,10 @@ class BoundRuleset:
         )
         self.by_group = {f"_r{rule.rule.index}": rule for rule in self.rules}
         self.match = program.match
+        self._ranks_cache: dict[
+            tuple[str, tuple[int, ...]], list[tuple[int, tuple[int, ...], dict[str, int]]]
+        ] = {}
+        self.group_numbers: dict[str, int] = dict(getattr(program.match.__self__, "groupindex", {}))
 
     def for_rank(self, rank: int) -> RankRules:
         return RankRules(self, rank)
@@ -370,55 +400,66 @@ class BoundRuleset:
 
     def owners(self, key: str, shape: Sequence[int] | None = None) -> list[tuple[int, Decision]]:
         """Every rank that owns `key`, with its decision, from the strategies' inverses."""
-        shape_t = None if shape is None else tuple(shape)
         m = self.match(key)
         if m is None:
             if self.default == "error":
                 self.unmatched(key)
             if self.default == "drop":
                 return []
-            return [
-                (rank, Decision(key, owned=True, rule=DEFAULT_RULE, local_key=key))
-                for rank in self.mesh.ranks()
-            ]
+            replicated = Decision(key, owned=True, rule=DEFAULT_RULE, local_key=key)
+            return [(rank, replicated) for rank in self.mesh.ranks()]
         bound = self.by_group[m.lastgroup]
         if bound.drop:
             return []
-        captures = bound.rule.captures(m)
-        per_axis: dict[str, list[tuple[int, str | None, int]]] = {}
         for placement in bound.captures:
-            g = bound.global_id(placement, int(captures[placement.name]), key)
-            per_axis[placement.axis] = [(c, placement.name, s) for c, s in placement.strategy.owners(g)]
-        for axis, coord in bound.pins.items():
-            per_axis[axis] = [(coord, None, 0)]
-        choices = [per_axis.get(axis, [(c, None, 0) for c in range(size)]) for axis, size in self.mesh.axes]
-        dim_axes = [self.mesh.names.index(d.axis) if d.axis in self.mesh.names else -1 for d in bound.dims]
+            text = m.group(placement.group)
+            if not text or not text.isdigit():
+                raise bound.bad_capture(placement, text, key)
+        captures = bound.rule.captures(m)
+        ids = tuple(bound.global_id(p, int(captures[p.name]), key) for p in bound.captures)
+        shape_t = None if shape is None else tuple(shape)
         out: list[tuple[int, Decision]] = []
-        for combo in itertools.product(*choices):
-            coords = [c for c, _, _ in combo]
-            dim_coords = tuple(coords[i] if i >= 0 else 0 for i in dim_axes)
+        for rank, dim_coords, slots in self._owner_ranks(bound, ids):
             selection = bound.selection(shape_t, dim_coords, key)
             if _empty(selection):
                 continue
-            slots = {name: slot for _, name, slot in combo if name is not None}
+            local = bound.local_key(key, captures, slots)
+            out.append((rank, _new(Decision, (key, True, bound.id, local, captures, selection))))
+        return out
+
+    def _owner_ranks(
+        self, bound: BoundRule, ids: tuple[int, ...]
+    ) -> list[tuple[int, tuple[int, ...], dict[str, int]]]:
+        """(rank, coordinates of the dim placements' axes, local slots) for the placed ids; cached per ids."""
+        cache_key = (bound.id, ids)
+        cached = self._ranks_cache.get(cache_key)
+        if cached is not None:
+            return cached
+        per_axis: dict[str, list[tuple[int, str | None, int]]] = {}
+        for placement, g in zip(bound.captures, ids, strict=True):
+            per_axis[placement.axis] = [(c, placement.name, s) for c, s in placement.strategy.owners(g)]
+        for axis, coord in bound.pins.items():
+            per_axis[axis] = [(coord, None, 0)]
+        fixed: dict[str, int] = {}
+        for axis in set(per_axis) - set(self.mesh.names):
+            # An axis the mesh does not declare has one coordinate, 0: the key is owned only if 0 holds it.
+            at_zero = [item for item in per_axis[axis] if item[0] == 0]
+            if not at_zero:
+                self._ranks_cache[cache_key] = []
+                return []
+            fixed.update({name: slot for _, name, slot in at_zero if name})
+        choices = [per_axis.get(axis, [(c, None, 0) for c in range(size)]) for axis, size in self.mesh.axes]
+        dim_axes = [self.mesh.names.index(d.axis) if d.axis in self.mesh.names else -1 for d in bound.dims]
+        result = []
+        for combo in itertools.product(*choices):
+            coords = [c for c, _, _ in combo]
             rank = 0
             for (_, size), c in zip(self.mesh.axes, coords, strict=True):
                 rank = rank * size + c
-            local = bound.local_key(key, captures, slots)
-            out.append(
-                (
-                    rank,
-                    Decision(
-                        key,
-                        owned=True,
-                        rule=bound.id,
-                        local_key=local,
-                        captures=captures,
-                        selection=selection,
-                    ),
-                )
-            )
-        return out
+            slots = {**fixed, **{name: slot for _, name, slot in combo if name is not None}}
+            result.append((rank, tuple(coords[i] if i >= 0 else 0 for i in dim_axes), slots))
+        self._ranks_cache[cache_key] = result
+        return result
 
 
 def _empty(selection: Selection) -> bool:
@@ -436,7 +477,7 @@ class RankRules:
         self._match = bound.match
         self._default = bound.default
         self._rules: dict[str, _RankRule] = {
-            group: _RankRule(rule, self.coords) for group, rule in bound.by_group.items()
+            group: _RankRule(rule, self.coords, bound.group_numbers) for group, rule in bound.by_group.items()
         }
 
     def decide(self, key: str, shape: Sequence[int] | None = None) -> Decision:
@@ -446,41 +487,56 @@ class RankRules:
             if self._default == "error":
                 self.bound.unmatched(key)
             owned = self._default == "replicate"
-            return _decision((key, owned, DEFAULT_RULE, key if owned else None, NO_CAPTURES, None))
+            return _new(Decision, (key, owned, DEFAULT_RULE, key if owned else None, NO_CAPTURES, None))
         rule = self._rules[m.lastgroup]
+        fast = rule.fast
+        if fast is not None:
+            # One placed capture, no layout, no rename: the digits themselves index a table of decisions.
+            captures = fast.get(m.group(rule.fast_group))
+            if captures:
+                return _new(Decision, (key, True, rule.id, key, captures, None))
+            if captures is not None:
+                return _new(Decision, (key, False, rule.id, None, NO_CAPTURES, None))
+        return self._decide(key, m, rule, shape)
+
+    def _decide(self, key: str, m: Any, rule: _RankRule, shape: Sequence[int] | None) -> Decision:
         if rule.never:
-            return _decision((key, False, rule.id, None, NO_CAPTURES, None))
+            return rule.not_owned(key)
         slots: dict[str, int] = {}
         for name, group, table, placement in rule.checks:
-            g = int(m.group(group))
+            try:
+                g = int(m.group(group))
+            except (TypeError, ValueError):
+                raise rule.bound.bad_capture(placement, m.group(group), key) from None
             if g >= len(table):
                 rule.bound.global_id(placement, g, key)
-                return _decision((key, False, rule.id, None, NO_CAPTURES, None))
+                return rule.not_owned(key)
             slot = table[g]
             if slot < 0:
-                return _decision((key, False, rule.id, None, NO_CAPTURES, None))
+                return rule.not_owned(key)
             slots[name] = slot
         captures = rule.bound.rule.captures(m)
         if rule.simple:
-            return _decision((key, True, rule.id, key, captures, None))
+            return _new(Decision, (key, True, rule.id, key, captures, None))
         bound = rule.bound
         selection = bound.selection(None if shape is None else tuple(shape), rule.dim_coords, key)
         if _empty(selection):
-            return _decision((key, False, rule.id, None, NO_CAPTURES, None))
-        return _decision((key, True, rule.id, bound.local_key(key, captures, slots), captures, selection))
+            return rule.not_owned(key)
+        return _new(
+            Decision, (key, True, rule.id, bound.local_key(key, captures, slots), captures, selection)
+        )
 
 
-def _decision(fields: tuple[Any, ...]) -> Decision:
-    # Decision is a NamedTuple: building it from a tuple skips argument parsing on the per-key path.
-    return tuple.__new__(Decision, fields)
+# Decision is a NamedTuple: building it from a tuple skips argument parsing on the per-key path.
+_new = tuple.__new__
 
 
 class _RankRule:
     """A bound rule seen from one rank: slot tables per capture, pin and dim coordinates precomputed."""
 
-    __slots__ = ("bound", "checks", "dim_coords", "id", "never", "simple")
+    __slots__ = ("bound", "checks", "dim_coords", "fast", "fast_group", "id", "never", "simple")
 
-    def __init__(self, bound: BoundRule, coords: Mapping[str, int]) -> None:
+    def __init__(self, bound: BoundRule, coords: Mapping[str, int], bound_groups: Mapping[str, int]) -> None:
         self.bound = bound
         self.id = bound.id
         self.never = bound.drop or any(coords.get(axis, 0) != coord for axis, coord in bound.pins.items())
@@ -489,6 +545,18 @@ class _RankRule:
         )
         self.dim_coords = tuple(coords.get(d.axis, 0) for d in bound.dims)
         self.simple = bound.rule.rename is None and bound.rule.layout is None
+        # For a simple rule with one placed int capture: digits text -> captures when owned, {} when not.
+        # Texts outside the table (leading zeros, out of range) take the general path.
+        self.fast: dict[str, Mapping[str, int | str]] | None = None
+        self.fast_group: int | str = ""
+        if self.simple and not self.never and len(self.checks) == 1 and len(bound.rule.groups) == 1:
+            name, group, table, _ = self.checks[0]
+            # A group's number is a cheaper look-up than its name.
+            self.fast_group = bound_groups.get(group, group)
+            self.fast = {str(g): ({name: g} if slot >= 0 else {}) for g, slot in enumerate(table)}
+
+    def not_owned(self, key: str) -> Decision:
+        return _new(Decision, (key, False, self.id, None, NO_CAPTURES, None))
 
 
 def bind(program: Program, *, mesh: Mesh, params: Mapping[str, Any]) -> BoundRuleset:

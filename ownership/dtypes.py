@@ -19,7 +19,6 @@ DTYPE_ITEMSIZE: dict[str, int] = {
     "F8_E4M3": 1,
     "F8_E5M2": 1,
     "F8_E8M0": 1,
-    "F4": 1,
     "I64": 8,
     "I32": 4,
     "I16": 2,
@@ -35,6 +34,9 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 
 def dtype_itemsize(dtype: str) -> int:
     """Bytes per element of a dtype name."""
+    size = DTYPE_ITEMSIZE.get(dtype)
+    if size is not None:
+        return size
     try:
         return DTYPE_ITEMSIZE[dtype.upper()]
     except KeyError:

@@ -28,6 +28,8 @@ class OwnershipError(Exception):
     the linter reports it under.
     """
 
+    default_code = "error"
+
     def __init__(
         self,
         message: str,
@@ -42,7 +44,7 @@ class OwnershipError(Exception):
         detail: str | None = None,
     ) -> None:
         self.message = message
-        self.code = code
+        self.code = code or self.default_code
         self.detail = detail
         self.source = source
         self.rule = rule
@@ -78,15 +80,23 @@ class OwnershipError(Exception):
 class RulesetError(OwnershipError):
     """A rule file or ruleset is malformed: schema, pattern, layout, unknown axis or param."""
 
+    default_code = "ruleset"
+
 
 class DecisionError(OwnershipError):
     """A valid ruleset cannot decide a key: an index out of range, a shape that does not divide, an unmatched
     key under `default = "error"`, two keys with one local name on a rank."""
 
+    default_code = "decision"
+
 
 class MeshError(OwnershipError):
     """A mesh specification or a rank is invalid."""
 
+    default_code = "bad-mesh"
+
 
 class CheckpointError(OwnershipError):
     """A checkpoint cannot be listed or read: missing, truncated or corrupt files, unsafe pickles, bad selections."""
+
+    default_code = "bad-checkpoint"

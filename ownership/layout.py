@@ -46,35 +46,52 @@ class Layout:
         raise KeyError(name)
 
     def resolve(
-        self, shape: Sequence[int], *, known: Mapping[str, int], key: str, rule: str | None = None
+        self,
+        shape: Sequence[int],
+        *,
+        known: Mapping[str, int],
+        key: str,
+        rule: str | None = None,
+        source: str | None = None,
     ) -> tuple[tuple[int, ...], ...]:
         """Factor sizes for a tensor of `shape`; `known` gives sizes of some factors."""
         if len(shape) != len(self.dims):
             raise DecisionError(
                 f"layout {self.source!r} has {len(self.dims)} dims but the tensor has {len(shape)}",
+                source=source,
                 key=key,
                 rule=rule,
                 found=f"shape {list(shape)}",
                 expected=f"{len(self.dims)} dims",
-                fix="fix the rule's layout or its pattern so it only matches tensors of this rank",
+                fix="fix the rule's layout, or its pattern so it only matches tensors with that many dims",
+                code="layout-mismatch",
             )
         sizes: list[tuple[int, ...]] = []
         for dim, size in zip(self.dims, shape, strict=True):
-            sizes.append(self._resolve_dim(dim, size, known=known, key=key, rule=rule))
+            sizes.append(self._resolve_dim(dim, size, known=known, key=key, rule=rule, source=source))
         return tuple(sizes)
 
     def _resolve_dim(
-        self, dim: tuple[str, ...], size: int, *, known: Mapping[str, int], key: str, rule: str | None
+        self,
+        dim: tuple[str, ...],
+        size: int,
+        *,
+        known: Mapping[str, int],
+        key: str,
+        rule: str | None,
+        source: str | None,
     ) -> tuple[int, ...]:
         unknown = [name for name in dim if name not in known]
         if len(dim) == 1:
             name = dim[0]
             if name in known and known[name] != size:
-                raise self._mismatch(dim, size, f"{name}={known[name]}", key=key, rule=rule)
+                raise self._mismatch(dim, size, f"{name}={known[name]}", key=key, rule=rule, source=source)
             return (size,)
         if len(unknown) > 1:
             raise DecisionError(
                 f"cannot infer the sizes of {' and '.join(unknown)} in ({' '.join(dim)})",
+                source=source,
+                code="layout-mismatch",
                 key=key,
                 rule=rule,
                 found=f"dim of size {size}",
@@ -87,16 +104,16 @@ class Layout:
                 product *= known[name]
         if unknown:
             if product == 0 or size % product:
-                raise self._mismatch(dim, size, _describe(dim, known), key=key, rule=rule)
+                raise self._mismatch(dim, size, _describe(dim, known), key=key, rule=rule, source=source)
             inferred = dict(known)
             inferred[unknown[0]] = size // product
             return tuple(inferred[name] for name in dim)
         if product != size:
-            raise self._mismatch(dim, size, _describe(dim, known), key=key, rule=rule)
+            raise self._mismatch(dim, size, _describe(dim, known), key=key, rule=rule, source=source)
         return tuple(known[name] for name in dim)
 
     def _mismatch(
-        self, dim: tuple[str, ...], size: int, what: str, *, key: str, rule: str | None
+        self, dim: tuple[str, ...], size: int, what: str, *, key: str, rule: str | None, source: str | None
     ) -> DecisionError:
         return DecisionError(
             f"dim ({' '.join(dim)}) of layout {self.source!r} does not fit the shape",
@@ -105,6 +122,8 @@ class Layout:
             found=f"size {size}",
             expected=f"a multiple of {what}" if len(dim) > 1 else what,
             fix="check the params (e.g. num_experts) against the checkpoint, or the rule's layout",
+            source=source,
+            code="layout-mismatch",
         )
 
 

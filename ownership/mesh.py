@@ -104,6 +104,13 @@ class Mesh:
 
     def rank(self, coords: Mapping[str, int]) -> int:
         """Flat rank of full coordinates (axes the mesh does not declare must be 0 or absent)."""
+        for name, value in coords.items():
+            if value != 0 and name not in self.names:
+                raise MeshError(
+                    f"coordinate {name}={value} is on an axis the mesh {self} does not declare",
+                    expected="0 or absent",
+                    fix=f"declare {name} in the mesh",
+                )
         rank = 0
         for name, size in self.axes:
             value = coords.get(name, 0)

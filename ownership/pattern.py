@@ -1,4 +1,4 @@
-"""Key templates: full-match patterns over dotted tensor names, compiled to regular expressions.
+r"""Key templates: full-match patterns over dotted tensor names, compiled to regular expressions.
 
 Template syntax (a template always matches the whole key):
 
@@ -12,7 +12,7 @@ Template syntax (a template always matches the whole key):
 | `{a,b}` | alternation of literal text (may contain dots and be empty: `{base_layer.,}`) |
 
 Anything else is literal. A raw regex (the `regex` field of a rule) is the escape hatch; its named groups become
-captures (`int` when the group can only match digits is not inferred: name them `<name>` in a template instead).
+captures: an int capture when the group is exactly `[0-9]+`, `[0-9]++` or `\d+`, else text.
 
 Example:
     >>> t = compile_template("**.experts.<expert>.**", rule="routed")
@@ -101,10 +101,11 @@ def _translate(
             continue
         if template.startswith(".**", i) and i + 3 <= stop and (i + 3 == stop or template[i + 3] == "."):
             if i + 3 == stop:
-                out.append("(?:\\.[^.]*+)*+")
+                # Possessive only at the very end of the template: inside {…} text may still follow.
+                out.append("(?:\\.[^.]++)*+" if top and stop == len(template) else "(?:\\.[^.]++)*?")
                 i = stop
             else:
-                out.append("\\.(?:[^.]*+\\.)*?")
+                out.append("\\.(?:[^.]++\\.)*?")
                 i += 4
             continue
         if ch == "*":
@@ -203,7 +204,7 @@ def _globstar(template: str, i: int, start: int, stop: int, *, rule: str | None,
             source=source,
             fix="write '**' between dots, e.g. '**.weight' or 'layers.**'",
         )
-    return ".*" if after == stop else "(?:[^.]*+\\.)*?"
+    return ".*" if after == stop else "(?:[^.]++\\.)*?"
 
 
 def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | None = None) -> CompiledPattern:
@@ -240,6 +241,6 @@ def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | No
                 source=source,
                 fix="names starting with '_' are reserved",
             )
-        digits = re.search(rf"\(\?P?<{re.escape(name)}>(\[0-9\]|\\d)[+*]\)", pattern) is not None
+        digits = re.search(rf"\(\?P?<{re.escape(name)}>(\[0-9\]|\\d)\+\+?\)", pattern) is not None
         captures[name] = "int" if digits else "seg"
     return CompiledPattern(source=pattern, regex=pattern, captures=captures)

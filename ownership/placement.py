@@ -191,11 +191,16 @@ class Shard(Strategy):
 
     def _chunk(self, part: Part, coord: int, offset: int) -> range:
         num = self.num_coords
-        if part.heads is not None and part.heads < num:
-            # kv heads replicated: coordinate c holds head c // (P / heads).
+        if part.heads is not None:
             head_size = part.size // part.heads
-            head = coord // (num // part.heads)
-            return range(offset + head * head_size, offset + (head + 1) * head_size)
+            if part.heads < num:
+                # kv heads replicated: coordinate c holds head c // (P / heads).
+                head = coord // (num // part.heads)
+                return range(offset + head * head_size, offset + (head + 1) * head_size)
+            # Whole heads per coordinate, as `linear` over the heads when they do not divide (opt-in).
+            first = linear_start(part.heads, num, coord)
+            count = linear_count(part.heads, num, coord)
+            return range(offset + first * head_size, offset + (first + count) * head_size)
         start = linear_start(part.size, num, coord)
         return range(offset + start, offset + start + linear_count(part.size, num, coord))
 

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ownership.compile import BoundRuleset
@@ -69,6 +69,7 @@ class Plan:
     owned: list[Decision]
     index: list[int]
     ruleset: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
 
     def owned_entries(self) -> Iterator[tuple[EntryLike, Decision]]:
         """(entry, decision) of every owned key, in checkpoint order."""
@@ -136,6 +137,7 @@ def build_plan(bound: BoundRuleset, entries: Iterable[EntryLike], *, rank: int) 
         owned=owned,
         index=index,
         ruleset=bound.program.spec.name,
+        params=bound.params,
     )
 
 
@@ -160,6 +162,7 @@ def build_mesh_plan(bound: BoundRuleset, entries: Iterable[EntryLike]) -> MeshPl
                 owned=owned[rank],
                 index=index[rank],
                 ruleset=bound.program.spec.name,
+                params=bound.params,
             )
         )
     return MeshPlan(ranks=plans, ruleset=bound.program.spec.name, mesh=dict(mesh.axes), params=bound.params)
@@ -205,6 +208,16 @@ def read_keys_file(lines: Iterable[str], *, source: str) -> list[KeyEntry]:
             continue
         fields = line.split("\t")
         key = fields[0].strip()
+        if len(fields) > 3:
+            raise DecisionError(
+                f"too many fields on line {number}",
+                source=source,
+                key=key,
+                found=f"{len(fields)} tab-separated fields",
+                expected="key, or key<TAB>dtype<TAB>[shape]",
+                fix="remove the extra fields",
+                code="bad-keys-file",
+            )
         dtype = fields[1].strip() if len(fields) > 1 and fields[1].strip() else None
         shape = None
         if len(fields) > 2 and fields[2].strip():

@@ -78,8 +78,10 @@ class AnalyzedRule:
         return self.spec.id
 
     def capture_value(self, match: Match, name: str) -> int | str:
-        text: str = match.group(self.groups[name])
-        return int(text) if self.pattern.captures[name] == "int" else text
+        text: str | None = match.group(self.groups[name])
+        if text is None:
+            return ""
+        return int(text) if self.pattern.captures[name] == "int" and text.isdigit() else text
 
     def captures(self, match: Match) -> dict[str, int | str]:
         return {name: self.capture_value(match, name) for name in self.groups}

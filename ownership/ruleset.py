@@ -59,8 +59,10 @@ class Ruleset:
         return cls.from_spec(parse_ruleset(text, source=source), source=source)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> Ruleset:
-        return cls.from_spec(load_ruleset_spec(path), source=str(path))
+    def from_file(cls, path: str | os.PathLike[str], *, source: str | None = None) -> Ruleset:
+        """Parse and check a rule file; `source` is how messages name it (default: the path)."""
+        spec = load_ruleset_spec(path)
+        return cls(spec=spec, source=source or str(path), program=analyze(spec, source=source or str(path)))
 
     @property
     def name(self) -> str:
@@ -136,4 +138,5 @@ def load_ruleset(name_or_path: str | os.PathLike[str]) -> Ruleset:
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists() or os.sep in str(name_or_path):
         return Ruleset.from_file(path)
-    return Ruleset.from_file(builtin_path(str(name_or_path)))
+    name = str(name_or_path)
+    return Ruleset.from_file(builtin_path(name), source=f"{name}.toml (built-in)")

@@ -110,7 +110,7 @@ def test_row_parallel_and_uneven_opt_in(ruleset: Ruleset) -> None:
         bound.owners("model.layers.0.self_attn.o_proj.weight", (32, 33))
     assert info.value.code == "shard-does-not-divide"
     assert str(info.value) == (
-        "rule 'o-proj': key 'model.layers.0.self_attn.o_proj.weight': cannot shard 'in' over tp=2: size 33 does "
+        "toy.toml: rule 'o-proj': key 'model.layers.0.self_attn.o_proj.weight': cannot shard 'in' over tp=2: size 33 does "
         "not divide over 2 coordinates: found in of size 33, expected a multiple of 2. Fix: set uneven = true on "
         "place.in to allow an uneven split, or change the mesh"
     )

@@ -31,6 +31,9 @@ VECTORS = [
     (P + "experts.500.gate_proj.lora_A.weight", True, True),
     ("base_model.model.language_model.layers.0.mlp.experts.100.gate_proj.lora_A.weight", True, False),
     (P + "experts.1.experts.100.gate_proj.lora_A.weight", False, True),
+    # Not in the reference's table, from its rule: only the first `.experts.` counts.
+    (P + "experts.x.experts.100.gate_proj.lora_A.weight", False, False),
+    (P + "experts.experts.5.gate_proj.lora_A.weight", False, False),
 ]
 
 
@@ -96,7 +99,7 @@ def test_default_mode_rejects_out_of_range_index(ruleset) -> None:  # type: igno
     with pytest.raises(DecisionError) as info:
         rules.decide(P + "experts.500.gate_proj.lora_A.weight")
     assert str(info.value) == (
-        "rule 'routed-expert': key 'base_model.model.model.layers.0.mlp.experts.500.gate_proj.lora_A.weight': "
+        "vllm-ep-lora.toml (built-in): rule 'routed-expert': key 'base_model.model.model.layers.0.mlp.experts.500.gate_proj.lora_A.weight': "
         "captured expert 500 is out of range: found 500, expected 0..127 (num_experts=128). "
         "Fix: check the param behind the size of 'expert' against the checkpoint"
     )

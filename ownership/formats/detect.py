@@ -1,10 +1,11 @@
 """Opening any checkpoint by path: a file, a sharded index, a PEFT adapter folder or an HF model folder.
 
 Folders are recognised by their files, in this order: a PEFT adapter (`adapter_config.json` with
-`adapter_model.safetensors` or `.bin`), then weights (`model.safetensors`, `*.safetensors.index.json`,
-`pytorch_model.bin`, `pytorch_model.bin.index.json`, or a single `*.safetensors`/`*.bin`/`*.pt`). `config.json`
-(or, failing that, `adapter_config.json`) becomes the checkpoint's `config`, where params such as `num_experts`
-are read from.
+`adapter_model.safetensors` or `.bin`, or their index), then weights (`model.safetensors`,
+`*.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json`, or a single
+`*.safetensors`/`*.bin`/`*.pt`). `config.json` (or, failing that, `adapter_config.json`) becomes the
+checkpoint's `config`, where params such as `num_experts` are read from. A checkpoint opened from a folder has
+that folder as its `root`.
 
 Example:
     >>> import tempfile, json, torch
@@ -34,6 +35,12 @@ from ownership.formats.torch_file import TorchFile
 __all__ = ["open_checkpoint"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+_ADAPTER_FILES = (
+    "adapter_model.safetensors",
+    "adapter_model.safetensors.index.json",
+    "adapter_model.bin",
+    "adapter_model.bin.index.json",
+)
 _WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -53,17 +60,15 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     config = _json(path / "config.json")
     merged = {**(adapter_config or {}), **(config or {})} if (adapter_config or config) else None
     if adapter_config is not None:
-        for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        for name in _ADAPTER_FILES:
             if (path / name).is_file():
-                checkpoint = _open_file(path / name, config=merged)
-                checkpoint.kind = "peft-adapter"
-                return checkpoint
+                return _in_folder(_open_file(path / name, config=merged), folder=path, kind="peft-adapter")
     for name in _WEIGHT_FILES:
         if (path / name).is_file():
             checkpoint = _open_file(path / name, config=merged)
-            if config is not None:
-                checkpoint.kind = "hf-model"
-            return checkpoint
+            return _in_folder(
+                checkpoint, folder=path, kind="hf-model" if config is not None else checkpoint.kind
+            )
     candidates = sorted(
         p
         for p in path.iterdir()
@@ -74,18 +79,27 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     )
     indexes = [p for p in candidates if p.name.endswith(".index.json")]
     if len(indexes) == 1:
-        return _open_file(indexes[0], config=merged)
+        checkpoint = _open_file(indexes[0], config=merged)
+        return _in_folder(checkpoint, folder=path, kind=checkpoint.kind)
     if len(candidates) == 1:
-        return _open_file(candidates[0], config=merged)
+        checkpoint = _open_file(candidates[0], config=merged)
+        return _in_folder(checkpoint, folder=path, kind=checkpoint.kind)
     raise CheckpointError(
         "no checkpoint recognised in this folder",
         source=str(path),
         found=", ".join(p.name for p in candidates) or "no weight files",
-        expected="adapter_config.json + adapter_model.{safetensors,bin}, or one of "
+        expected="adapter_config.json + adapter_model.{safetensors,bin}[.index.json], or one of "
         + ", ".join(_WEIGHT_FILES)
         + ", or a single .safetensors/.bin/.pt file",
         fix="point at the weight file or index directly",
     )
+
+
+def _in_folder(checkpoint: Checkpoint, *, folder: Path, kind: str) -> Checkpoint:
+    # `root` is what the user opened; entries' `file` stays relative to it (weights sit at the folder's top).
+    checkpoint.root = folder
+    checkpoint.kind = kind
+    return checkpoint
 
 
 def _open_file(path: Path, *, config: dict[str, Any] | None) -> Checkpoint:

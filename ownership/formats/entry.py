@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -71,9 +72,8 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One tensor as a checkpoint's headers describe it."""
+class Entry(NamedTuple):
+    """One tensor as a checkpoint's headers describe it (a tuple: listings make one per tensor)."""
 
     key: str
     dtype: str
@@ -88,10 +88,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.itemsize
+        return prod(self.shape) * dtype_itemsize(self.dtype)
 
 
 @dataclass

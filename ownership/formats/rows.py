@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
+from math import prod
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,7 +29,7 @@ import torch
 
 from ownership.errors import CheckpointError
 from ownership.formats.entry import ReadStats
-from ownership.formats.take import take_dims
+from ownership.formats.take import compact, take_dims
 from ownership.selection import Run, Selection
 
 __all__ = ["RowReader"]
@@ -44,6 +46,8 @@ class RowReader:
         self.stats = stats
         self.display = display
         self._handle: BinaryIO | None = None
+        # Readers may run on several threads: opening the file and the byte count are shared.
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         if self._handle is not None:
@@ -51,10 +55,14 @@ class RowReader:
             self._handle = None
 
     def _fd(self) -> int:
-        if self._handle is None:
-            self._handle = self.path.open("rb", buffering=0)
-            self.stats.files_opened.add(str(self.path))
-        return self._handle.fileno()
+        handle = self._handle
+        if handle is None:
+            with self._lock:
+                if self._handle is None:
+                    self._handle = self.path.open("rb", buffering=0)
+                    self.stats.files_opened.add(str(self.path))
+                handle = self._handle
+        return handle.fileno()
 
     def read(
         self, offset: int, dtype: torch.dtype, shape: tuple[int, ...], selection: Selection
@@ -62,16 +70,18 @@ class RowReader:
         """The selected elements of the tensor of `shape` whose bytes start at `offset`."""
         if not shape:
             return self._rows(offset, 1, dtype, ()).reshape(())
-        inner = selection is not None and any(d is not None for d in selection[1:])
         row_shape = shape[1:]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        row_bytes = itemsize
-        for size in row_shape:
-            row_bytes *= size
+        row_bytes = _itemsize(dtype) * prod(row_shape)
+        if selection is None:
+            return self._rows(offset, shape[0], dtype, row_shape)
+        rows = selection[0]
+        inner = any(d is not None for d in selection[1:])
+        if not inner and rows is not None and len(rows) == 1 and rows[0][2] == 1:
+            start, stop, _ = rows[0]
+            return self._rows(offset + start * row_bytes, stop - start, dtype, row_shape)
         whole: tuple[Run, ...] = ((0, shape[0], 1),)
-        runs = whole if selection is None or selection[0] is None else selection[0]
         pieces = []
-        for start, stop, step in runs:
+        for start, stop, step in whole if rows is None else rows:
             if step == 1:
                 block = max(1, _BLOCK_BYTES // max(row_bytes, 1)) if inner else max(stop - start, 1)
                 for first in range(start, stop, block):
@@ -84,31 +94,37 @@ class RowReader:
         if not pieces:
             empty = torch.empty((0, *row_shape), dtype=dtype)
             return take_dims(empty, selection, first=1).contiguous()
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return out.contiguous()
+        return compact(pieces[0]) if len(pieces) == 1 else torch.cat(pieces)
 
     def _rows(self, offset: int, count: int, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
-        numel = count
-        for size in row_shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes == 0:
-            return torch.empty((count, *row_shape), dtype=dtype)
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
-        fd = self._fd()
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(
-                    "file ends inside a tensor",
-                    source=self.display,
-                    found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
-                    expected="the whole tensor",
-                    fix="re-download or re-save the file",
-                )
-            done += got
-        self.stats.bytes_read += nbytes
-        # frombuffer shares the bytearray: the bytes land in the tensor's memory with no second copy.
-        return torch.frombuffer(buffer, dtype=dtype).view(count, *row_shape)
+        nbytes = count * prod(row_shape) * _itemsize(dtype)
+        # Uninitialised memory filled by preadv through numpy's view of it: one copy, from the page cache.
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            view = memoryview(out.numpy())  # type: ignore[arg-type]
+            fd = self._fd()
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise CheckpointError(
+                        "file ends inside a tensor",
+                        source=self.display,
+                        found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
+                        expected="the whole tensor",
+                        fix="re-download or re-save the file",
+                    )
+                done += got
+            with self._lock:
+                self.stats.bytes_read += nbytes
+        return out.view(dtype).view(count, *row_shape)
+
+
+_ITEMSIZE: dict[torch.dtype, int] = {}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    size = _ITEMSIZE.get(dtype)
+    if size is None:
+        size = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
+    return size

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+from math import prod
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ownership.dtypes import DTYPE_ITEMSIZE
 from ownership.errors import CheckpointError
 from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, torch_dtype
 from ownership.formats.rows import RowReader
@@ -57,36 +59,35 @@ def read_header(path: Path, *, display: str) -> list[Entry]:
         raise _corrupt(display, "a header that is not a JSON object", "a JSON object")
     data_size = size - 8 - length
     entries: list[Entry] = []
+    name = path.name
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = (
-                str(info["dtype"]),
-                tuple(int(x) for x in info["shape"]),
-                info["data_offsets"],
-            )
+            dtype, shape, (begin, end) = str(info["dtype"]), tuple(info["shape"]), info["data_offsets"]
+            if not all(type(size) is int and size >= 0 for size in shape):
+                raise ValueError(shape)
+            nbytes = prod(shape) * DTYPE_ITEMSIZE[dtype]
         except (KeyError, TypeError, ValueError):
+            if isinstance(info, dict) and "dtype" in info and info["dtype"] not in DTYPE_ITEMSIZE:
+                torch_dtype(str(info["dtype"]), key=key, source=display)
             raise _corrupt(
                 display, f"a malformed header entry {info!r}", "dtype, shape and data_offsets", key=key
             ) from None
-        entry = Entry(key, dtype, shape, path.name, offset=8 + length + begin)
-        torch_dtype(dtype, key=key, source=display)
-        if not 0 <= begin <= end <= data_size:
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
             raise _corrupt(
                 display,
                 f"data offsets [{begin}, {end}] past the {data_size} data bytes",
                 "offsets inside the file (truncated file?)",
                 key=key,
             )
-        if end - begin != entry.nbytes:
+        if end - begin != nbytes:
             raise _corrupt(
-                display,
-                f"{end - begin} bytes for shape {list(shape)} of {dtype}",
-                f"{entry.nbytes} bytes",
-                key=key,
+                display, f"{end - begin} bytes for shape {list(shape)} of {dtype}", f"{nbytes} bytes", key=key
             )
-        entries.append(entry)
+        entries.append(Entry(key, dtype, shape, name, 8 + length + begin))
+    for dtype in {entry.dtype for entry in entries}:
+        torch_dtype(dtype, key=next(e.key for e in entries if e.dtype == dtype), source=display)
     entries.sort(key=lambda entry: entry.offset or 0)
     return entries
 

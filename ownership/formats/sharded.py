@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,12 @@ class ShardedCheckpoint(Checkpoint):
     def __init__(self, index_path: str | os.PathLike[str], *, config: dict[str, Any] | None = None) -> None:
         index_path = Path(index_path)
         super().__init__(index_path, config=config)
+        self.index_path = index_path
         self.folder = index_path.parent
         self.kind = "torch-sharded" if index_path.name.endswith(".bin.index.json") else "safetensors-sharded"
         self._weight_map = self._read_index(index_path)
         self._shards: dict[str, Checkpoint] = {}
+        self._lock = threading.Lock()
         self._entries: list[Entry] | None = None
 
     def _read_index(self, path: Path) -> dict[str, str]:
@@ -66,10 +70,9 @@ class ShardedCheckpoint(Checkpoint):
                 expected='{"weight_map": {"key": "file"}}',
                 fix="re-download the index",
             )
-        root = self.folder.resolve()
         for key, name in weight_map.items():
-            target = (self.folder / name).resolve()
-            if Path(name).is_absolute() or root not in target.parents:
+            target = self.folder / name
+            if _escapes(name):
                 raise CheckpointError(
                     "index names a shard outside its folder",
                     source=str(path),
@@ -90,6 +93,13 @@ class ShardedCheckpoint(Checkpoint):
         return dict(weight_map)
 
     def _shard(self, name: str) -> Checkpoint:
+        shard = self._shards.get(name)
+        if shard is None:
+            with self._lock:
+                return self._open_shard(name)
+        return shard
+
+    def _open_shard(self, name: str) -> Checkpoint:
         shard = self._shards.get(name)
         if shard is None:
             path = self.folder / name
@@ -116,7 +126,7 @@ class ShardedCheckpoint(Checkpoint):
                 if entry.key in seen:
                     raise CheckpointError(
                         "key is stored in two shards",
-                        source=str(self.root),
+                        source=str(self.index_path),
                         key=entry.key,
                         found=f"{seen[entry.key]} and {name}",
                         expected="each key in one shard",
@@ -124,12 +134,12 @@ class ShardedCheckpoint(Checkpoint):
                     )
                 seen[entry.key] = name
                 if self._weight_map.get(entry.key) == name:
-                    entries.append(entry)
+                    entries.append(Entry(entry.key, entry.dtype, entry.shape, name, offset=entry.offset))
         for key, name in self._weight_map.items():
             if seen.get(key) != name:
                 raise CheckpointError(
                     "index lists a key its shard does not hold",
-                    source=str(self.root),
+                    source=str(self.index_path),
                     key=key,
                     found=f"not in {name}" + (f" (it is in {seen[key]})" if key in seen else ""),
                     expected=f"the key in {name}",
@@ -148,3 +158,13 @@ class ShardedCheckpoint(Checkpoint):
         for shard in self._shards.values():
             shard.close()
         self._shards.clear()
+
+
+def _escapes(name: str) -> bool:
+    """Whether a shard name leaves the index's folder: absolute, or `..` past its top.
+
+    Judged on the name alone, not on resolved paths: a Hugging Face cache snapshot is a folder of symlinks
+    into `../../blobs`, and those shards are legitimately inside their folder.
+    """
+    normal = posixpath.normpath(name.replace("\\", "/"))
+    return posixpath.isabs(normal) or normal == ".." or normal.startswith("../")

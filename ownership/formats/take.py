@@ -12,7 +12,7 @@ import torch
 
 from ownership.selection import DimSelection, Selection, dim_indices
 
-__all__ = ["take", "take_dims"]
+__all__ = ["compact", "take", "take_dims"]
 
 
 def _take_dim(tensor: torch.Tensor, d: int, dim: DimSelection) -> torch.Tensor:
@@ -36,12 +36,20 @@ def take_dims(tensor: torch.Tensor, selection: Selection, *, first: int = 0) -> 
     return tensor
 
 
+def compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself if it owns exactly its bytes, else a contiguous copy that does.
+
+    A view of a larger buffer (even one that is contiguous, as a slice of size-1 dims is) would keep the
+    whole buffer alive and cannot be reinterpreted with `.view(dtype)`.
+    """
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def take(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
     """The selected elements as a new contiguous tensor that shares no memory with `tensor`."""
     out = take_dims(tensor, selection)
-    if (
-        out.data_ptr() == tensor.data_ptr()
-        or out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-    ):
+    if out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
         return out.clone(memory_format=torch.contiguous_format)
-    return out.contiguous()
+    return compact(out)

@@ -75,7 +75,7 @@ class TorchFile(Checkpoint):
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CheckpointError("no such file", source=self.display, fix="check the path")
-        mmap = zipfile.is_zipfile(path)
+        mmap = _sniff(path, display=self.display)
         if not mmap:
             self.mapped = False
             warnings.warn(
@@ -90,15 +90,17 @@ class TorchFile(Checkpoint):
             raise CheckpointError(
                 "refused to unpickle: the file holds more than plain tensors",
                 source=self.display,
-                found=str(error).splitlines()[0][:200],
+                found=_reason(error),
                 expected="a state dict of tensors (torch.load weights_only=True)",
                 fix="convert the checkpoint to safetensors with a tool you trust; it was not executed",
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as error:
+        except Exception as error:
+            # weights_only=True ran no code from the file, so whatever failed is the file's content (or torch's
+            # reader of it: old pickles of float8 storages raise AttributeError); one error names the file.
             raise CheckpointError(
                 "cannot read the PyTorch checkpoint",
                 source=self.display,
-                found=str(error).splitlines()[0][:200] if str(error) else type(error).__name__,
+                found=_reason(error),
                 expected="a file written by torch.save",
                 fix="re-download or re-save the file",
             ) from None
@@ -116,7 +118,7 @@ class TorchFile(Checkpoint):
                     "state dict entry is not a tensor",
                     source=self.display,
                     key=str(key),
-                    found=type(value).__name__,
+                    found=type(value).__name__ if isinstance(key, str) else f"a {type(key).__name__} key",
                     expected="a torch.Tensor under a string key",
                     fix="save a flat state dict of tensors",
                 )
@@ -139,9 +141,68 @@ class TorchFile(Checkpoint):
             dtype = torch_dtype(entry.dtype, key=key, source=self.display)
             return self._reader.read(entry.offset, dtype, entry.shape, selection)
         tensor = self._state[key]
-        self.stats.files_opened.add(str(self.root))
+        self.stats.files_opened.add(str(self._reader.path))
         if self.mapped:
             self.stats.bytes_read += (
                 selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size()
             )
         return take(tensor, selection)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+
+
+def _sniff(path: Path, *, display: str) -> bool:
+    """True for a zip written by `torch.save` (memory-mappable), False for an old pickle; else an error.
+
+    A zip whose central directory is missing is a truncated download, not an old pickle: saying so beats a
+    `WholeFileReadWarning` followed by an unpickling error.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head.startswith(_ZIP_MAGIC):
+        if zipfile.is_zipfile(path):
+            return True
+        raise CheckpointError(
+            "corrupt or truncated PyTorch checkpoint",
+            source=display,
+            found="a zip file without its central directory",
+            expected="a complete zip written by torch.save (truncated download?)",
+            fix="re-download or re-save the file",
+        )
+    if head[:1] != bytes([_PICKLE_PROTO]):
+        raise CheckpointError(
+            "not a PyTorch checkpoint",
+            source=display,
+            found=f"a file starting with {head!r}",
+            expected="a zip or a pickle written by torch.save",
+            fix="check the file; re-download or re-save it",
+        )
+    return False
+
+
+def _reason(error: Exception) -> str:
+    """The sentence of a torch.load error that says what was wrong.
+
+    torch wraps it in advice about the weights_only default and `add_safe_globals`; neither is advice to give
+    for a file that failed to load safely, so only the reason is kept.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return _first_sentence(rest or (lines[i + 1] if i + 1 < len(lines) else ""), error=error)
+    boilerplate = (
+        "Weights only load failed",
+        "Check the documentation",
+        "Please file an issue",
+        "(1)",
+        "(2)",
+    )
+    reasons = [line for line in lines if not line.startswith(boilerplate)]
+    return _first_sentence(reasons[0] if reasons else "", error=error)
+
+
+def _first_sentence(text: str, *, error: Exception) -> str:
+    return text.split(". ", 1)[0].removesuffix(".")[:200] or type(error).__name__

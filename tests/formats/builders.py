@@ -1,6 +1,6 @@
 """Test checkpoints written the way real tools write them, and the reference answer for a selection.
 
-`reference(tensor, selection)` is computed independently of the library's readers: one `index_select` per dim
+`reference(tensor, selection=...)` is computed independently of the library's readers: one `index_select` per dim
 with the selection's index lists, i.e. `tensor[index]` for the equivalent advanced index.
 """
 
@@ -23,14 +23,14 @@ __all__ = [
 ]
 
 
-def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
+def save_safetensors(path: Path, *, tensors: Mapping[str, torch.Tensor]) -> Path:
     """One safetensors file, written by the safetensors library."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({key: value.contiguous() for key, value in tensors.items()}, str(path))
     return path
 
 
-def save_torch(path: Path, tensors: Mapping[str, torch.Tensor], *, legacy: bool = False) -> Path:
+def save_torch(path: Path, *, tensors: Mapping[str, torch.Tensor], legacy: bool = False) -> Path:
     """One `.bin`/`.pt` file written by `torch.save` (zip format, or the old pickle format with `legacy`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(dict(tensors), path, _use_new_zipfile_serialization=not legacy)
@@ -39,8 +39,8 @@ def save_torch(path: Path, tensors: Mapping[str, torch.Tensor], *, legacy: bool 
 
 def save_sharded(
     folder: Path,
-    shards: Sequence[Mapping[str, torch.Tensor]],
     *,
+    shards: Sequence[Mapping[str, torch.Tensor]],
     suffix: str = "safetensors",
     index_name: str | None = None,
 ) -> Path:
@@ -51,9 +51,9 @@ def save_sharded(
     for i, shard in enumerate(shards, start=1):
         name = f"{stem}-{i:05d}-of-{len(shards):05d}.{suffix}"
         if suffix == "safetensors":
-            save_safetensors(folder / name, shard)
+            save_safetensors(folder / name, tensors=shard)
         else:
-            save_torch(folder / name, shard)
+            save_torch(folder / name, tensors=shard)
         weight_map.update(dict.fromkeys(shard, name))
     index = folder / (index_name or f"{stem}.{suffix}.index.json")
     total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
@@ -61,7 +61,7 @@ def save_sharded(
     return index
 
 
-def reference(tensor: torch.Tensor, selection: Selection) -> torch.Tensor:
+def reference(tensor: torch.Tensor, *, selection: Selection) -> torch.Tensor:
     """`tensor` indexed by the selection's index lists, one dim at a time."""
     if selection is None:
         return tensor.clone()
