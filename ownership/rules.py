@@ -128,7 +128,21 @@ def analyze(spec: RulesetSpec, *, source: str = "<string>") -> Program:
 def problems(spec: RulesetSpec, *, source: str = "<string>") -> list[RulesetError]:
     """Every static problem of the ruleset, in rule order."""
     sink: list[RulesetError] = []
+    seen: set[str] = set()
     for i, rule in enumerate(spec.rules):
+        if rule.id in seen:
+            sink.append(
+                RulesetError(
+                    f"duplicate rule id {rule.id!r}",
+                    source=source,
+                    rule=rule.id,
+                    found=f"rule #{i + 1} reuses it",
+                    expected="unique rule ids",
+                    fix="rename one of the rules",
+                    code="duplicate-rule-id",
+                )
+            )
+        seen.add(rule.id)
         _analyze_rule(i, rule, spec, source=source, sink=sink)
     return sink
 

@@ -133,12 +133,7 @@ class RulesetSpec(_Strict):
     rules: list[RuleSpec] = Field(default_factory=list, alias="rule")
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> RulesetSpec:
-        seen: set[str] = set()
-        for rule in self.rules:
-            if rule.id in seen:
-                raise ValueError(f"duplicate rule id {rule.id!r}: rule ids must be unique")
-            seen.add(rule.id)
+    def _unique_axes(self) -> RulesetSpec:
         if len(set(self.axes)) != len(self.axes):
             raise ValueError(f"duplicate axis in axes = {self.axes}")
         return self

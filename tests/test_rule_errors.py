@@ -115,7 +115,7 @@ def test_params_come_from_config_json_spellings() -> None:
         (HEAD, "give exactly one of `match` (a template) or `regex`"),
         (
             'name = "x"\naxes = []\n[[rule]]\nid = "a"\nmatch = "x"\n[[rule]]\nid = "a"\nmatch = "y"\n',
-            "duplicate rule id 'a': rule ids must be unique",
+            "duplicate rule id 'a': found rule #2 reuses it",
         ),
         ("name = \n", "not valid TOML"),
         (
