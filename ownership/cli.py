@@ -92,6 +92,19 @@ def _parser() -> argparse.ArgumentParser:
     _common(load)
     load.set_defaults(handler=_load)
 
+    lint = commands.add_parser(
+        "lint", help="prove a ruleset against a checkpoint and a mesh (exit 1 on errors)"
+    )
+    lint.add_argument("ruleset", help="built-in ruleset name or rule file path")
+    lint.add_argument("checkpoint", nargs="?", help="checkpoint file or folder (headers only are read)")
+    lint.add_argument(
+        "--keys", type=Path, help="key list: one key a line, optionally key<TAB>dtype<TAB>[shape]"
+    )
+    lint.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
+    lint.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a ruleset param")
+    lint.add_argument("--format", choices=("text", "json", "sarif"), default="text")
+    lint.set_defaults(handler=_lint)
+
     schema = commands.add_parser("schema", help="print the JSON Schema of rule files")
     schema.set_defaults(handler=_schema)
 
@@ -353,6 +366,24 @@ def _torch_dtype(name: str) -> Any:
             fix="pass --dtype bfloat16",
         )
     return value
+
+
+def _lint(args: argparse.Namespace) -> int:
+    from ownership.lint import lint, to_json, to_sarif, to_text
+    from ownership.lint.output import rule_lines
+    from ownership.lint.run import resolve_rule_file
+
+    source: Any = None
+    if args.keys is not None or args.checkpoint is not None:
+        source, _ = _entries(args)
+    report = lint(args.ruleset, source, mesh=args.mesh, params=parse_params(args.param))
+    if args.format == "json":
+        print_json(to_json(report))
+    elif args.format == "sarif":
+        print_json(to_sarif(report, rule_lines=rule_lines(str(resolve_rule_file(args.ruleset)[0]))))
+    else:
+        print(to_text(report))
+    return report.exit_code
 
 
 def _demo(args: argparse.Namespace) -> int:

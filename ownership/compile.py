@@ -419,7 +419,7 @@ class BoundRuleset:
         ids = tuple(bound.global_id(p, int(captures[p.name]), key) for p in bound.captures)
         shape_t = None if shape is None else tuple(shape)
         out: list[tuple[int, Decision]] = []
-        for rank, dim_coords, slots in self._owner_ranks(bound, ids):
+        for rank, dim_coords, slots in self.owner_ranks(bound, ids):
             selection = bound.selection(shape_t, dim_coords, key)
             if _empty(selection):
                 continue
@@ -427,7 +427,7 @@ class BoundRuleset:
             out.append((rank, _new(Decision, (key, True, bound.id, local, captures, selection))))
         return out
 
-    def _owner_ranks(
+    def owner_ranks(
         self, bound: BoundRule, ids: tuple[int, ...]
     ) -> list[tuple[int, tuple[int, ...], dict[str, int]]]:
         """(rank, coordinates of the dim placements' axes, local slots) for the placed ids; cached per ids."""

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from ownership.compile import BoundRuleset
 from ownership.decision import Decision
 from ownership.dtypes import dtype_itemsize
 from ownership.errors import DecisionError
-from ownership.selection import selection_shape
+from ownership.selection import Selection, selection_shape
 
 __all__ = ["EntryLike", "KeyEntry", "MeshPlan", "Plan", "build_mesh_plan", "build_plan"]
 
@@ -39,8 +39,7 @@ class EntryLike(Protocol):
     def shape(self) -> tuple[int, ...] | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class KeyEntry:
+class KeyEntry(NamedTuple):
     """An entry known by name, optionally with dtype and shape (from `--keys` files or key lists)."""
 
     key: str
@@ -50,11 +49,15 @@ class KeyEntry:
 
 def entry_nbytes(entry: EntryLike, decision: Decision | None = None) -> int | None:
     """Bytes of the entry, or of the part a decision selects; None where dtype or shape is unknown."""
+    return selected_nbytes(entry, None if decision is None else decision.selection)
+
+
+def selected_nbytes(entry: EntryLike, selection: Selection) -> int | None:
+    """Bytes of the part of the entry a selection keeps; None where dtype or shape is unknown."""
     if entry.dtype is None or entry.shape is None:
         return None
-    shape = entry.shape if decision is None else selection_shape(decision.selection, entry.shape)
     count = 1
-    for size in shape:
+    for size in selection_shape(selection, entry.shape):
         count *= size
     return count * dtype_itemsize(entry.dtype)
 

@@ -1,0 +1,120 @@
+"""Lint findings: one problem, its check, its level, the rule and keys it concerns, and the fix.
+
+Example:
+    >>> f = Finding("dead-rule", "error", "rule matches no key", rule="routed-expert", fix="fix its pattern")
+    >>> f.text()
+    "error dead-rule: rule 'routed-expert': rule matches no key. Fix: fix its pattern"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["CHECKS", "Finding", "Level", "LintReport"]
+
+Level = Literal["error", "warning", "info"]
+
+# Every check: its level and what it finds. Static checks come from the rule compiler's own codes.
+CHECKS: dict[str, tuple[Level, str]] = {
+    "schema": ("error", "the rule file is not valid TOML or does not fit the schema"),
+    "duplicate-rule-id": ("error", "two rules share one id"),
+    "pattern-error": ("error", "a pattern does not compile"),
+    "layout-error": ("error", "a layout does not parse"),
+    "unknown-axis": ("error", "a rule places or pins on an axis the ruleset does not declare"),
+    "unknown-param": ("error", "a rule refers to an undeclared param"),
+    "unknown-strategy": ("error", "a strategy that is neither built in nor a declared param"),
+    "bad-strategy": ("error", "a strategy used where it cannot apply"),
+    "missing-size": ("error", "a placed capture has no size"),
+    "placed-not-captured": ("error", "a placed index is neither captured nor in the layout"),
+    "placed-text-capture": ("error", "a placed capture is text, not an integer"),
+    "axis-placed-twice": ("error", "two placements, or a placement and a pin, on one axis"),
+    "unknown-index": ("error", "`sizes` names an index the layout does not have"),
+    "bad-rename": ("error", "a rename refers to a capture that does not exist or is not placed"),
+    "bad-pin": ("error", "a pin outside the mesh"),
+    "bad-table": ("error", "a table or stage sizes that do not fit the mesh"),
+    "missing-param": ("error", "a param without a value"),
+    "bad-param": ("error", "a param value that is not allowed"),
+    "unused-capture": ("warning", "a capture that is neither placed nor used by a rename"),
+    "never-matches": ("warning", "a pattern whose example keys are all taken by earlier rules"),
+    "backtracking-risk": ("error", "a raw regex that can take exponential time (nested quantifiers)"),
+    "dead-rule": ("error", "a rule that matches no key of the checkpoint"),
+    "variant-absent": ("info", "a layout variant that this checkpoint does not use"),
+    "shadowed-rule": ("error", "a rule whose every key is taken by earlier rules"),
+    "unmatched-key": ("error", 'keys that no rule matches under default = "error"'),
+    "index-out-of-range": ("error", "a captured index outside its size"),
+    "layout-mismatch": ("error", "a tensor's shape does not fit the rule's layout"),
+    "shape-needed": ("error", "a rule with a layout met a key with no shape"),
+    "bad-capture": ("error", "a placed capture that matched no digits"),
+    "shard-does-not-divide": ("error", "a shard of a dim or factor that does not divide over its axis"),
+    "integrity": ("error", "elements owned by no rank, or by several where nothing declares replication"),
+    "local-name-collision": ("error", "two keys get one local name on a rank"),
+    "lora-pair": ("error", "a LoRA pair's lora_A and lora_B placed inconsistently"),
+    "byte-balance": ("info", "bytes owned per rank: max against mean"),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found by one check."""
+
+    check: str
+    level: Level
+    message: str
+    rule: str | None = None
+    keys: tuple[str, ...] = ()
+    fix: str | None = None
+    data: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def text(self) -> str:
+        """One line: level, check id, rule, keys, message and fix."""
+        where = []
+        if self.rule is not None:
+            where.append(f"rule {self.rule!r}")
+        if self.keys:
+            shown = ", ".join(repr(k) for k in self.keys[:3])
+            more = f" (+{len(self.keys) - 3} more)" if len(self.keys) > 3 else ""
+            where.append(f"key {shown}{more}" if len(self.keys) == 1 else f"keys {shown}{more}")
+        text = f"{self.level} {self.check}: " + ": ".join([*where, self.message])
+        if self.fix:
+            text += f". Fix: {self.fix}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check": self.check,
+            "level": self.level,
+            "message": self.message,
+            "rule": self.rule,
+            "keys": list(self.keys),
+            "fix": self.fix,
+            **({"data": self.data} if self.data else {}),
+        }
+
+
+@dataclass
+class LintReport:
+    """Every finding of one lint run, with what was linted."""
+
+    ruleset: str
+    source: str
+    mesh: str | None
+    num_keys: int | None
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, check: str, message: str, **fields: Any) -> None:
+        level: Level = fields.pop("level", None) or CHECKS[check][0]
+        keys = fields.pop("keys", ())
+        self.findings.append(Finding(check, level, message, keys=tuple(keys), **fields))
+
+    @property
+    def num_errors(self) -> int:
+        return sum(f.level == "error" for f in self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no finding is an error, 1 otherwise."""
+        return 1 if self.num_errors else 0
+
+    def checks(self) -> set[str]:
+        return {f.check for f in self.findings}

@@ -1,0 +1,151 @@
+"""Static checks: what can be said of a ruleset with no checkpoint.
+
+The rule compiler's own problems (schema, patterns, axes, params...) are reported under their codes; this module
+adds the checks that need the whole ruleset: captures never used, patterns whose example keys earlier rules take,
+and raw regexes with catastrophic backtracking.
+
+Example:
+    >>> from ownership.spec import parse_ruleset
+    >>> spec = parse_ruleset('name = "x"\\naxes = []\\n[[rule]]\\nid = "all"\\nmatch = "**"\\n[[rule]]\\nid = "w"\\nmatch = "**.weight"\\n')
+    >>> [f.check for f in static_findings(spec, source="x.toml")]
+    ['never-matches']
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from ownership.lint.finding import Finding
+from ownership.rules import Program, analyze, problems
+from ownership.spec import RulesetSpec
+
+__all__ = ["example_keys", "static_findings"]
+
+# A repeated group (not atomic, not possessive): (body)+, (body)*, (body){n,}.
+_REPEATED_GROUP = re.compile(r"\((?!\?>)((?:[^()\\]|\\.)*)\)(?:[+*]|\{\d*,\d*\})(?![+])")
+# A quantifier inside a body that can give characters back (not possessive).
+_INNER_QUANTIFIER = re.compile(r"(?<!\\)(?:[+*]|\{\d*,\d*\})(?![+])")
+
+
+def static_findings(spec: RulesetSpec, *, source: str) -> list[Finding]:
+    """Every static finding; compiler problems first, then the ruleset-wide checks when it compiles."""
+    found = [
+        Finding(error.code or "schema", "error", error.message, rule=error.rule, fix=error.fix)
+        for error in problems(spec, source=source)
+    ]
+    if found:
+        return found
+    program = analyze(spec, source=source)
+    return [*_unused_captures(program), *_never_matches(program), *_backtracking(program)]
+
+
+def _unused_captures(program: Program) -> list[Finding]:
+    out = []
+    for rule in program.rules:
+        used = set(rule.captured) | {piece.name for piece in rule.rename or () if piece.name}
+        for name in rule.pattern.captures:
+            if name not in used:
+                out.append(
+                    Finding(
+                        "unused-capture",
+                        "warning",
+                        f"capture {name!r} is neither placed nor used by a rename",
+                        rule=rule.id,
+                        fix=f"place it, use it in `rename`, or match it with * instead of <{name}>",
+                    )
+                )
+    return out
+
+
+def example_keys(template: str, *, limit: int = 16) -> list[str]:
+    """A few keys a template matches: `**` as one or two segments, `*` and captures as one segment."""
+    pieces: list[list[str]] = []
+    i = 0
+    literal = ""
+    while i < len(template):
+        if template.startswith("**", i):
+            pieces.append([literal])
+            pieces.append(["a", "a.b"])
+            literal, i = "", i + 2
+        elif template[i] == "*":
+            whole = (i == 0 or template[i - 1] == ".") and (i + 1 == len(template) or template[i + 1] == ".")
+            literal += "x" if whole else ""
+            i += 1
+        elif template[i] == "<":
+            end = template.index(">", i)
+            kind = template[i + 1 : end].partition(":")[2] or "int"
+            literal += "1" if kind == "int" else "x"
+            i = end + 1
+        elif template[i] == "{":
+            end = template.index("}", i)
+            pieces.append([literal])
+            pieces.append(template[i + 1 : end].split(","))
+            literal, i = "", end + 1
+        else:
+            literal += template[i]
+            i += 1
+    pieces.append([literal])
+    return ["".join(parts) for parts in itertools.islice(itertools.product(*pieces), limit)]
+
+
+def _never_matches(program: Program) -> list[Finding]:
+    out = []
+    for rule in program.rules[1:]:
+        if rule.spec.match is None:
+            continue
+        takers: set[str] = set()
+        reached = False
+        for key in example_keys(rule.spec.match):
+            m = program.match(key)
+            if m is None:
+                continue  # a dot-joining corner of the generator; says nothing
+            winner = program.rule_of(m)
+            if winner.index >= rule.index:
+                reached = True
+                break
+            takers.add(winner.id)
+        if not reached and takers:
+            out.append(
+                Finding(
+                    "never-matches",
+                    "warning",
+                    f"every example key of its pattern is taken first by rule {', '.join(sorted(takers))}",
+                    rule=rule.id,
+                    fix="move this rule above the broader one, or narrow the broader pattern",
+                )
+            )
+    return out
+
+
+def _backtracking(program: Program) -> list[Finding]:
+    out = []
+    for rule in program.rules:
+        if rule.spec.regex is None:
+            continue
+        nested = _nested_quantifier(rule.spec.regex)
+        if nested is not None:
+            out.append(
+                Finding(
+                    "backtracking-risk",
+                    "error",
+                    f"raw regex can backtrack exponentially: nested quantifier {nested!r}",
+                    rule=rule.id,
+                    fix="make the inner quantifier possessive (x++) or the group atomic ((?>...)), or use a template",
+                )
+            )
+    return out
+
+
+def _nested_quantifier(pattern: str) -> str | None:
+    """The first repeated group whose body repeats too, unless a dot that its atoms cannot match delimits each
+    repetition (`(?:[^.]+\\.)*` is linear: every pass must end at the next dot)."""
+    for group in _REPEATED_GROUP.finditer(pattern):
+        body = group.group(1)
+        if not _INNER_QUANTIFIER.search(body.replace("++", "").replace("*+", "").replace("?+", "")):
+            continue
+        atoms = re.sub(r"\[\^\.\][+*]+\??", "", body)
+        if "\\." in body and not _INNER_QUANTIFIER.search(atoms.replace("\\.", "")):
+            continue
+        return group.group(0)
+    return None
