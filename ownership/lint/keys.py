@@ -204,11 +204,22 @@ def _note_pair(
 
 def _report_rules(state: _Pass, entries: Sequence[EntryLike]) -> None:
     program = state.bound.program
+    # A rule that decided no key: which keys would it match on its own, and which earlier rules took them?
+    takers: dict[str, dict[str, list[str]]] = {}
+    for rule in program.rules:
+        if state.decided[rule.id]:
+            continue
+        alone = _alone(rule.pattern.regex)
+        found: dict[str, list[str]] = defaultdict(list)
+        for entry in entries:
+            if alone(entry.key):
+                found[program.rule_of(program.match(entry.key)).id].append(entry.key)
+        takers[rule.id] = found
     variants: dict[str, list[str]] = defaultdict(list)
     for rule in program.rules:
         if rule.spec.variant is not None:
             variants[rule.spec.variant].append(rule.id)
-    present = {v for v, ids in variants.items() if any(state.decided[r] for r in ids)}
+    present = {v for v, ids in variants.items() if any(state.decided[r] or takers.get(r) for r in ids)}
     for variant, ids in variants.items():
         if variant not in present and present:
             state.report.add(
@@ -224,28 +235,20 @@ def _report_rules(state: _Pass, entries: Sequence[EntryLike]) -> None:
             fix="check the patterns against the checkpoint's keys (`ownership plan --keys`), or use another ruleset",
         )
     for rule in program.rules:
-        if state.decided[rule.id]:
+        if rule.id not in takers:
             continue
-        if rule.spec.variant is not None and rule.spec.variant not in present:
-            continue
-        # Which keys would this rule match on its own, and who took them?
-        own: str = rule.spec.match or rule.spec.regex or ""
-        alone = _alone(rule.pattern.regex)
-        takers: dict[str, list[str]] = defaultdict(list)
-        for entry in entries:
-            if alone(entry.key):
-                m = program.match(entry.key)
-                takers[program.rule_of(m).id].append(entry.key)
-        if takers:
+        taken = takers[rule.id]
+        if taken:
             state.report.add(
                 "shadowed-rule",
-                f"every key it matches is taken first by rule {', '.join(sorted(takers))}",
+                f"every key it matches is taken first by rule {', '.join(sorted(taken))}",
                 rule=rule.id,
-                keys=[k for keys in takers.values() for k in keys][:_EXAMPLES],
+                keys=[k for keys in taken.values() for k in keys][:_EXAMPLES],
                 fix="move it above the rule that takes its keys, or narrow that rule's pattern",
-                data={"taken_by": {r: len(k) for r, k in takers.items()}},
+                data={"taken_by": {r: len(k) for r, k in taken.items()}},
             )
-        else:
+        elif rule.spec.variant is None or rule.spec.variant in present:
+            own = rule.spec.match or rule.spec.regex or ""
             state.report.add(
                 "dead-rule",
                 f"pattern {own!r} matches no key of the checkpoint",
@@ -321,6 +324,7 @@ _KNOWN = {"index-out-of-range", "layout-mismatch", "shape-needed", "bad-capture"
 
 
 def _report_pairs(state: _Pass) -> None:
+    grouped: dict[tuple[str, str], list[str]] = defaultdict(list)
     for key, a in state.pairs.items():
         if "lora_A" not in key:
             continue
@@ -330,14 +334,19 @@ def _report_pairs(state: _Pass) -> None:
             continue
         problem = _pair_problem(a, b)
         if problem is not None:
-            state.report.add(
-                "lora-pair",
-                problem,
-                rule=a.rule if a.rule == b.rule else f"{a.rule} / {b.rule}",
-                keys=[key, f"{head}lora_B{tail}"],
-                fix="place lora_A and lora_B of a module with the same strategy and split (column: B on out; "
-                "row: A on in; the r dim alike on both)",
-            )
+            rules = a.rule if a.rule == b.rule else f"{a.rule} / {b.rule}"
+            grouped[(rules, problem)] += [key, f"{head}lora_B{tail}"]
+    for (rules, problem), keys in grouped.items():
+        count = len(keys) // 2
+        state.report.add(
+            "lora-pair",
+            problem + (f" (in {count} pairs)" if count > 1 else ""),
+            rule=rules,
+            keys=keys[:2],
+            fix="place lora_A and lora_B of a module with the same strategy and split (column: B on out; "
+            "row: A on in; the r dim alike on both)",
+            data={"count": count},
+        )
 
 
 def _pair_problem(a: _PairSide, b: _PairSide) -> str | None:
