@@ -73,7 +73,8 @@ class Finding:
             where.append(f"rule {self.rule!r}")
         if self.keys:
             shown = ", ".join(repr(k) for k in self.keys[:3])
-            more = f" (+{len(self.keys) - 3} more)" if len(self.keys) > 3 else ""
+            total = max(len(self.keys), int(self.data.get("num_keys", 0)))
+            more = f" (+{total - 3} more)" if total > 3 else ""
             where.append(f"key {shown}{more}" if len(self.keys) == 1 else f"keys {shown}{more}")
         text = f"{self.level} {self.check}: " + ": ".join([*where, self.message])
         if self.fix:

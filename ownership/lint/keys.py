@@ -245,7 +245,10 @@ def _report_rules(state: _Pass, entries: Sequence[EntryLike]) -> None:
                 rule=rule.id,
                 keys=[k for keys in taken.values() for k in keys][:_EXAMPLES],
                 fix="move it above the rule that takes its keys, or narrow that rule's pattern",
-                data={"taken_by": {r: len(k) for r, k in taken.items()}},
+                data={
+                    "taken_by": {r: len(k) for r, k in taken.items()},
+                    "num_keys": sum(len(k) for k in taken.values()),
+                },
             )
         elif rule.spec.variant is None or rule.spec.variant in present:
             own = rule.spec.match or rule.spec.regex or ""
@@ -272,7 +275,7 @@ def _report_keys(state: _Pass) -> None:
             f'{len(state.unmatched)} keys match no rule and the ruleset\'s default is "error"',
             keys=state.unmatched[:_EXAMPLES],
             fix='add rules for them, or set default = "replicate" or "drop"',
-            data={"count": len(state.unmatched)},
+            data={"num_keys": len(state.unmatched)},
         )
     for (code, rule, message), keys in state.problems.items():
         error = state.problem_text[(code, rule, message)]
@@ -292,7 +295,7 @@ def _report_keys(state: _Pass) -> None:
             rule=rule,
             keys=keys[:_EXAMPLES],
             fix=error.fix,
-            data={"count": len(keys)},
+            data={"num_keys": len(keys)},
         )
     for (rule, name), keys in state.lost.items():
         report.add(
