@@ -43,6 +43,7 @@ __all__ = ["LoadResult", "LoadStats", "iter_load", "load"]
 _PROGRESS_MIN_BYTES = 256 * 2**20
 _READERS = 2
 _PREFETCH_BYTES = 64 * 2**20
+_BATCH_BYTES = 4 * 2**20
 
 
 @dataclass
@@ -114,37 +115,56 @@ def _prefetched(plan: Plan, checkpoint: Checkpoint) -> Iterator[tuple[EntryLike,
     """Owned tensors in plan order, read by two threads ahead of the consumer.
 
     Reads copy from storage or the page cache with the GIL released, so a second reader overlaps the Python
-    work of the first; at most `_PREFETCH_BYTES` of owned data is read ahead, which bounds staging memory.
+    work of the first. Small tensors go in batches of about `_BATCH_BYTES`, so that handing work to a thread
+    costs little next to the work; at most `_PREFETCH_BYTES` is read ahead, which bounds staging memory.
     """
-    items = list(plan.owned_entries())
-    if len(items) < 2:
-        for entry, decision in items:
-            yield entry, decision, checkpoint.read(entry.key, decision.selection)
+    batches = _batches(list(plan.owned_entries()))
+    if len(batches) < 2:
+        for batch in batches:
+            yield from _read_batch(checkpoint, batch)
         return
     with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="ownership-read") as pool:
-        pending: deque[tuple[EntryLike, Decision, int, Future[torch.Tensor]]] = deque()
+        pending: deque[tuple[int, Future[list[tuple[EntryLike, Decision, torch.Tensor]]]]] = deque()
         ahead = 0
-        upcoming = iter(items)
+        submitted = 0
         try:
             while True:
-                while not pending or ahead < _PREFETCH_BYTES:
-                    item = next(upcoming, None)
-                    if item is None:
-                        break
-                    entry, decision = item
-                    size = entry_nbytes(entry, decision) or 0
-                    pending.append(
-                        (entry, decision, size, pool.submit(checkpoint.read, entry.key, decision.selection))
-                    )
+                while submitted < len(batches) and (not pending or ahead < _PREFETCH_BYTES):
+                    batch = batches[submitted]
+                    submitted += 1
+                    size = sum(entry_nbytes(entry, decision) or 0 for entry, decision in batch)
+                    pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
                     ahead += size
                 if not pending:
                     return
-                entry, decision, size, future = pending.popleft()
+                size, future = pending.popleft()
                 ahead -= size
-                yield entry, decision, future.result()
+                yield from future.result()
         finally:
-            for *_, future in pending:
+            for _, future in pending:
                 future.cancel()
+
+
+_Batch = list[tuple[EntryLike, Decision]]
+
+
+def _batches(items: _Batch) -> list[_Batch]:
+    batches: list[_Batch] = []
+    current: _Batch = []
+    size = 0
+    for entry, decision in items:
+        current.append((entry, decision))
+        size += entry_nbytes(entry, decision) or 0
+        if size >= _BATCH_BYTES:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _read_batch(checkpoint: Checkpoint, batch: _Batch) -> list[tuple[EntryLike, Decision, torch.Tensor]]:
+    return [(entry, decision, checkpoint.read(entry.key, decision.selection)) for entry, decision in batch]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, *, key: str) -> torch.Tensor:

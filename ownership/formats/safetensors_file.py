@@ -22,8 +22,8 @@ import torch
 
 from ownership.dtypes import DTYPE_ITEMSIZE
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, torch_dtype
-from ownership.formats.rows import RowReader
+from ownership.formats.entry import Entry, ReadStats, torch_dtype
+from ownership.formats.single import SingleFile
 from ownership.selection import Selection
 
 __all__ = ["SafetensorsFile", "read_header"]
@@ -103,7 +103,7 @@ def _corrupt(display: str, found: str, expected: str, *, key: str | None = None)
     )
 
 
-class SafetensorsFile(Checkpoint):
+class SafetensorsFile(SingleFile):
     """One `.safetensors` file."""
 
     kind = "safetensors"
@@ -116,22 +116,8 @@ class SafetensorsFile(Checkpoint):
         display: str | None = None,
         stats: ReadStats | None = None,
     ) -> None:
-        path = Path(path)
-        super().__init__(path, config=config, stats=stats)
-        self.display = display or str(path)
-        self._entries = read_header(path, display=self.display)
-        self._by_key = {entry.key: entry for entry in self._entries}
-        self._reader = RowReader(path, stats=self.stats, display=self.display)
-
-    def entries(self) -> list[Entry]:
-        return list(self._entries)
-
-    def close(self) -> None:
-        self._reader.close()
+        super().__init__(path, config=config, display=display, stats=stats)
+        self._set_entries(read_header(self.root, display=self.display))
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
-        entry = self._by_key.get(key) or self.entry(key)
-        check_selection(selection, entry.shape, key=key, source=self.display)
-        dtype = torch_dtype(entry.dtype, key=key, source=self.display)
-        assert entry.offset is not None
-        return self._reader.read(entry.offset, dtype, entry.shape, selection)
+        return self._read_at_offset(self._checked(key, selection), selection)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, dtype_name, torch_dtype
-from ownership.formats.rows import RowReader
+from ownership.formats.entry import Entry, ReadStats, dtype_name
+from ownership.formats.single import SingleFile
 from ownership.formats.take import take
 from ownership.formats.torch_layout import tensor_layout
 from ownership.selection import Selection, selection_read_count
@@ -41,7 +41,7 @@ class WholeFileReadWarning(UserWarning):
     """A checkpoint had to be read whole (an old non-zip pickle): peak memory is the whole file."""
 
 
-class TorchFile(Checkpoint):
+class TorchFile(SingleFile):
     """One `.bin`/`.pt` file holding a flat state dict of tensors."""
 
     kind = "torch"
@@ -54,23 +54,20 @@ class TorchFile(Checkpoint):
         display: str | None = None,
         stats: ReadStats | None = None,
     ) -> None:
-        path = Path(path)
-        super().__init__(path, config=config, stats=stats)
-        self.display = display or str(path)
+        super().__init__(path, config=config, display=display, stats=stats)
+        path = self.root
         self.mapped = True
-        self._reader = RowReader(path, stats=self.stats, display=self.display)
         layout = tensor_layout(path) if path.is_file() and zipfile.is_zipfile(path) else None
         self._state: dict[str, torch.Tensor] = {}
         if layout is not None:
-            self._entries = [
-                Entry(key, t.dtype, t.shape, path.name, offset=t.offset) for key, t in layout.items()
-            ]
+            self._set_entries(
+                [Entry(key, t.dtype, t.shape, path.name, offset=t.offset) for key, t in layout.items()]
+            )
         else:
             self._state = self._load(path)
-            self._entries = [
-                Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()
-            ]
-        self._by_key = {entry.key: entry for entry in self._entries}
+            self._set_entries(
+                [Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()]
+            )
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
@@ -126,20 +123,15 @@ class TorchFile(Checkpoint):
             self.stats.bytes_read += sum(t.numel() * t.element_size() for t in state.values())
         return state
 
-    def entries(self) -> list[Entry]:
-        return list(self._entries)
-
     def close(self) -> None:
-        self._reader.close()
+        super().close()
         self._state = {}
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
-        entry = self._by_key.get(key) or self.entry(key)
-        check_selection(selection, entry.shape, key=key, source=self.display)
+        entry = self._checked(key, selection)
         if entry.offset is not None:
             # Read the owned rows with preadv: no mapped page of the file ever counts against this process.
-            dtype = torch_dtype(entry.dtype, key=key, source=self.display)
-            return self._reader.read(entry.offset, dtype, entry.shape, selection)
+            return self._read_at_offset(entry, selection)
         tensor = self._state[key]
         self.stats.files_opened.add(str(self._reader.path))
         if self.mapped:
