@@ -2,7 +2,7 @@
 
 The first dim's runs are read run by run: a contiguous run is one `preadv` straight into the new tensor's
 buffer, a run with a step reads row by row. When other dims are selected too, the rows a run spans are read in
-blocks of at most 16 MiB and only the owned elements are kept, so staging stays bounded whatever the tensor's
+blocks of at most 4 MiB and only the owned elements are kept, so staging stays bounded whatever the tensor's
 size. Every byte pulled from storage is counted in the shared `ReadStats`.
 
 Example:
@@ -35,7 +35,7 @@ from ownership.selection import Run, Selection
 __all__ = ["RowReader"]
 
 # Rows read at once when dims after the first are selected: bounds staging memory whatever the tensor's size.
-_BLOCK_BYTES = 16 * 2**20
+_BLOCK_BYTES = 4 * 2**20
 
 
 class RowReader:

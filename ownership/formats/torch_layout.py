@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 __all__ = ["TensorLayout", "tensor_layout"]
 
@@ -52,22 +53,20 @@ class TensorLayout:
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Storage:
+# Tuples, not dataclasses: one of each is made per tensor, and an adapter can hold tens of thousands.
+class _Storage(NamedTuple):
     dtype: str
     itemsize: int
     key: str
     numel: int
 
 
-@dataclass(frozen=True, slots=True)
-class _StorageType:
+class _StorageType(NamedTuple):
     dtype: str
     itemsize: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Tensor:
+class _Tensor(NamedTuple):
     storage: _Storage
     storage_offset: int
     shape: tuple[int, ...]
@@ -75,9 +74,11 @@ class _Tensor:
 
 
 def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
-    if not isinstance(storage, _Storage):
+    if type(storage) is not _Storage or type(storage_offset) is not int:
         raise pickle.UnpicklingError("tensor without a storage record")
-    return _Tensor(storage, int(storage_offset), tuple(int(s) for s in size), tuple(int(s) for s in stride))
+    if type(size) is not tuple or type(stride) is not tuple:
+        raise pickle.UnpicklingError("tensor size or stride is not a tuple")
+    return _Tensor(storage, storage_offset, size, stride)
 
 
 class _LayoutUnpickler(pickle.Unpickler):
@@ -94,9 +95,9 @@ class _LayoutUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError("unknown persistent id")
         storage_type, key, _, numel = pid[1:]
-        if not isinstance(storage_type, _StorageType):
+        if type(storage_type) is not _StorageType or type(numel) is not int:
             raise pickle.UnpicklingError("unknown storage type")
-        return _Storage(storage_type.dtype, storage_type.itemsize, str(key), int(numel))
+        return _Storage(storage_type.dtype, storage_type.itemsize, str(key), numel)
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -108,32 +109,97 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
+def _central_directory(handle: BinaryIO, size: int) -> dict[str, tuple[int, int]]:
+    """Member name -> (local header offset, compression method), read straight from the zip's central directory.
+
+    `zipfile` builds a ZipInfo object per member; for tens of thousands of tensors that alone costs more than
+    reading one rank's share, so the fixed-size records are unpacked here. Zip64 (files over 4 GiB) is handled.
+    """
+    tail_size = min(size, 65536 + 22)
+    handle.seek(size - tail_size)
+    tail = handle.read(tail_size)
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0:
+        raise zipfile.BadZipFile("no end of central directory")
+    num_entries, cd_size, cd_offset = struct.unpack_from("<HII", tail, end + 10)
+    if 0xFFFFFFFF in (cd_size, cd_offset) or num_entries == 0xFFFF:
+        locator = tail.rfind(b"PK\x06\x07", 0, end)
+        if locator < 0:
+            raise zipfile.BadZipFile("zip64 without its locator")
+        (zip64_end,) = struct.unpack_from("<Q", tail, locator + 8)
+        handle.seek(zip64_end)
+        record = handle.read(56)
+        num_entries, cd_size, cd_offset = struct.unpack_from("<QQQ", record, 32)
+    handle.seek(cd_offset)
+    directory = handle.read(cd_size)
+    members: dict[str, tuple[int, int]] = {}
+    position = 0
+    for _ in range(num_entries):
+        if directory[position : position + 4] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("bad central directory entry")
+        (method,) = struct.unpack_from("<H", directory, position + 10)
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", directory, position + 28)
+        (offset,) = struct.unpack_from("<I", directory, position + 42)
+        name = directory[position + 46 : position + 46 + name_length].decode("utf-8")
+        if offset == 0xFFFFFFFF:
+            offset = _zip64_offset(
+                directory, position + 46 + name_length, extra_length, directory_entry=position
+            )
+        members[name] = (offset, method)
+        position += 46 + name_length + extra_length + comment_length
+    return members
+
+
+def _zip64_offset(directory: bytes, start: int, length: int, *, directory_entry: int) -> int:
+    """The local header offset from a zip64 extra field (after the sizes that overflowed too)."""
+    uncompressed, compressed = struct.unpack_from("<II", directory, directory_entry + 20)[::-1]
+    position = start
+    while position + 4 <= start + length:
+        header, field_length = struct.unpack_from("<HH", directory, position)
+        if header == 1:
+            skip = 8 * ((uncompressed == 0xFFFFFFFF) + (compressed == 0xFFFFFFFF))
+            (offset,) = struct.unpack_from("<Q", directory, position + 4 + skip)
+            return int(offset)
+        position += 4 + field_length
+    raise zipfile.BadZipFile("zip64 offset missing")
+
+
+def _data_offset(handle: BinaryIO, local_header: int) -> int:
+    handle.seek(local_header)
+    local = handle.read(30)
+    if local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local header")
+    name_length, extra_length = struct.unpack_from("<HH", local, 26)
+    return int(local_header + 30 + name_length + extra_length)
+
+
 def tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
     """Layout of every tensor of a flat state dict saved by `torch.save`, or None where it cannot be told."""
     try:
-        with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
-            names = [info.filename for info in archive.infolist()]
-            pickles = [name for name in names if name.endswith("/data.pkl")]
-            if len(pickles) != 1:
+        with path.open("rb") as handle:
+            members = _central_directory(handle, path.stat().st_size)
+            pickles = [name for name in members if name.endswith("/data.pkl")]
+            if len(pickles) != 1 or any(method != 0 for _, method in members.values()):
                 return None
             prefix = pickles[0][: -len("data.pkl")]
-            state = _LayoutUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
-            records: dict[str, int] = {}
-            for info in archive.infolist():
-                if not info.filename.startswith(prefix + "data/"):
-                    continue
-                if info.compress_type != zipfile.ZIP_STORED:
-                    return None
-                handle.seek(info.header_offset)
-                local = handle.read(30)
-                name_length = int.from_bytes(local[26:28], "little")
-                extra_length = int.from_bytes(local[28:30], "little")
-                records[info.filename[len(prefix) + len("data/") :]] = (
-                    info.header_offset + 30 + name_length + extra_length
-                )
+            pickle_offset = _data_offset(handle, members[pickles[0]][0])
+            pickle_end = min(
+                (offset for offset, _ in members.values() if offset > members[pickles[0]][0]),
+                default=path.stat().st_size,
+            )
+            handle.seek(pickle_offset)
+            state = _LayoutUnpickler(io.BytesIO(handle.read(pickle_end - pickle_offset))).load()
+            data = prefix + "data/"
+            records = {
+                name[len(data) :]: _data_offset(handle, offset)
+                for name, (offset, _) in members.items()
+                if name.startswith(data)
+            }
     except (
         OSError,
         zipfile.BadZipFile,
+        struct.error,
+        UnicodeDecodeError,
         pickle.UnpicklingError,
         EOFError,
         ValueError,
@@ -147,7 +213,9 @@ def tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
         return None
     layout: dict[str, TensorLayout] = {}
     for key, tensor in state.items():
-        if not isinstance(key, str) or not isinstance(tensor, _Tensor):
+        if not isinstance(key, str) or type(tensor) is not _Tensor:
+            return None
+        if not all(type(x) is int for x in (*tensor.shape, *tensor.stride)):
             return None
         numel = 1
         for size in tensor.shape:
