@@ -23,6 +23,7 @@ from ownership.compile import BoundRuleset
 from ownership.decision import Decision
 from ownership.dtypes import dtype_itemsize
 from ownership.errors import DecisionError
+from ownership.gcpause import paused_gc
 from ownership.selection import Selection, selection_shape
 
 __all__ = ["EntryLike", "KeyEntry", "MeshPlan", "Plan", "build_mesh_plan", "build_plan"]
@@ -127,11 +128,12 @@ def build_plan(bound: BoundRuleset, entries: Iterable[EntryLike], *, rank: int) 
     entry_list = list(entries)
     owned: list[Decision] = []
     index: list[int] = []
-    for i, entry in enumerate(entry_list):
-        decision = rules.decide(entry.key, entry.shape)
-        if decision.owned:
-            owned.append(decision)
-            index.append(i)
+    with paused_gc():
+        for i, entry in enumerate(entry_list):
+            decision = rules.decide(entry.key, entry.shape)
+            if decision.owned:
+                owned.append(decision)
+                index.append(i)
     _check_local_names(owned, rank)
     return Plan(
         rank=rank,
@@ -150,10 +152,11 @@ def build_mesh_plan(bound: BoundRuleset, entries: Iterable[EntryLike]) -> MeshPl
     mesh = bound.mesh
     owned: list[list[Decision]] = [[] for _ in range(mesh.num_ranks)]
     index: list[list[int]] = [[] for _ in range(mesh.num_ranks)]
-    for i, entry in enumerate(entry_list):
-        for rank, decision in bound.owners(entry.key, entry.shape):
-            owned[rank].append(decision)
-            index[rank].append(i)
+    with paused_gc():
+        for i, entry in enumerate(entry_list):
+            for rank, decision in bound.owners(entry.key, entry.shape):
+                owned[rank].append(decision)
+                index[rank].append(i)
     plans = []
     for rank in range(mesh.num_ranks):
         _check_local_names(owned[rank], rank)

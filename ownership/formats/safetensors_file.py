@@ -24,6 +24,7 @@ from ownership.dtypes import DTYPE_ITEMSIZE
 from ownership.errors import CheckpointError
 from ownership.formats.entry import Entry, ReadStats, torch_dtype
 from ownership.formats.single import SingleFile
+from ownership.gcpause import paused_gc
 from ownership.selection import Selection
 
 __all__ = ["SafetensorsFile", "read_header"]
@@ -117,7 +118,8 @@ class SafetensorsFile(SingleFile):
         stats: ReadStats | None = None,
     ) -> None:
         super().__init__(path, config=config, display=display, stats=stats)
-        self._set_entries(read_header(self.root, display=self.display))
+        with paused_gc():
+            self._set_entries(read_header(self.root, display=self.display))
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         return self._read_at_offset(self._checked(key, selection), selection)

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
+from ownership.gcpause import paused_gc
+
 __all__ = ["TensorLayout", "tensor_layout"]
 
 _STORAGE_DTYPES = {
@@ -101,11 +103,13 @@ class _LayoutUnpickler(pickle.Unpickler):
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    if len(shape) != len(stride):
+        return False
     expected = 1
-    for size, step in zip(reversed(shape), reversed(stride), strict=True):
-        if size != 1 and step != expected:
+    for i in range(len(shape) - 1, -1, -1):
+        if shape[i] != 1 and stride[i] != expected:
             return False
-        expected *= size
+        expected *= shape[i]
     return True
 
 
@@ -175,6 +179,11 @@ def _data_offset(handle: BinaryIO, local_header: int) -> int:
 
 def tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
     """Layout of every tensor of a flat state dict saved by `torch.save`, or None where it cannot be told."""
+    with paused_gc():
+        return _tensor_layout(path)
+
+
+def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
     try:
         with path.open("rb") as handle:
             members = _central_directory(handle, path.stat().st_size)

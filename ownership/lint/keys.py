@@ -32,6 +32,7 @@ import regex as _regex
 
 from ownership.compile import BoundRule, BoundRuleset
 from ownership.errors import DecisionError
+from ownership.gcpause import paused_gc
 from ownership.lint.finding import LintReport
 from ownership.plan import EntryLike, entry_nbytes, selected_nbytes
 from ownership.selection import Selection, dim_indices, selection_shape
@@ -75,8 +76,9 @@ class _Pass:
 def check_keys(bound: BoundRuleset, entries: Sequence[EntryLike], report: LintReport) -> None:
     """Run every key and whole-mesh check over `entries`, adding findings to `report`."""
     state = _Pass(bound=bound, report=report, bytes_per_rank=[0] * bound.mesh.num_ranks)
-    for entry in entries:
-        _visit(state, entry)
+    with paused_gc():
+        for entry in entries:
+            _visit(state, entry)
     _report_rules(state, entries)
     _report_keys(state)
     _report_pairs(state)
