@@ -29,8 +29,8 @@ import torch
 
 from ownership.errors import CheckpointError
 from ownership.formats.entry import ReadStats
-from ownership.formats.take import compact, take_dims
-from ownership.selection import Run, Selection
+from ownership.formats.take import take_dims
+from ownership.selection import Run, Selection, selection_shape
 
 __all__ = ["RowReader"]
 
@@ -48,6 +48,7 @@ class RowReader:
         self._handle: BinaryIO | None = None
         # Readers may run on several threads: opening the file and the byte count are shared.
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def close(self) -> None:
         if self._handle is not None:
@@ -79,45 +80,67 @@ class RowReader:
         if not inner and rows is not None and len(rows) == 1 and rows[0][2] == 1:
             start, stop, _ = rows[0]
             return self._rows(offset + start * row_bytes, stop - start, dtype, row_shape)
+        # The result is allocated once; owned rows land in it directly, or through a reused staging block
+        # when a run has a step or other dims are selected.
+        out = torch.empty(selection_shape(selection, shape), dtype=dtype)
         whole: tuple[Run, ...] = ((0, shape[0], 1),)
-        pieces = []
+        position = 0
         for start, stop, step in whole if rows is None else rows:
-            if step == 1:
-                block = max(1, _BLOCK_BYTES // max(row_bytes, 1)) if inner else max(stop - start, 1)
-                for first in range(start, stop, block):
-                    piece = self._rows(offset + first * row_bytes, min(block, stop - first), dtype, row_shape)
-                    pieces.append(take_dims(piece, selection, first=1) if inner else piece)
-            else:
-                for row in range(start, stop, step):
-                    piece = self._rows(offset + row * row_bytes, 1, dtype, row_shape)
-                    pieces.append(take_dims(piece, selection, first=1) if inner else piece)
-        if not pieces:
-            empty = torch.empty((0, *row_shape), dtype=dtype)
-            return take_dims(empty, selection, first=1).contiguous()
-        return compact(pieces[0]) if len(pieces) == 1 else torch.cat(pieces)
+            if step == 1 and not inner:
+                count = stop - start
+                self._fill(out[position : position + count], offset + start * row_bytes)
+                position += count
+                continue
+            block = max(1, _BLOCK_BYTES // max(row_bytes, 1)) if step == 1 else 1
+            for first in range(start, stop, step * block):
+                count = min(block, len(range(first, stop, step)))
+                staged = self._staged(offset + first * row_bytes, count, dtype, row_shape)
+                part = take_dims(staged, selection, first=1) if inner else staged
+                out[position : position + count].copy_(part)
+                position += count
+        return out
+
+    def _fill(self, target: torch.Tensor, offset: int) -> None:
+        """preadv straight into a contiguous tensor's memory."""
+        nbytes = target.numel() * target.element_size()
+        if nbytes:
+            self._pread(memoryview(target.view(torch.uint8).reshape(-1).numpy()), offset)  # type: ignore[arg-type]
+
+    def _staged(
+        self, offset: int, count: int, dtype: torch.dtype, row_shape: tuple[int, ...]
+    ) -> torch.Tensor:
+        """Rows read into this thread's staging buffer, valid until its next read."""
+        nbytes = count * prod(row_shape) * _itemsize(dtype)
+        buffer: torch.Tensor | None = getattr(self._local, "staging", None)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self._local.staging = torch.empty(max(nbytes, _BLOCK_BYTES), dtype=torch.uint8)
+        view = buffer[:nbytes]
+        if nbytes:
+            self._pread(memoryview(view.numpy()), offset)  # type: ignore[arg-type]
+        return view.view(dtype).view(count, *row_shape)
+
+    def _pread(self, view: memoryview, offset: int) -> None:
+        nbytes = len(view)
+        fd = self._fd()
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError(
+                    "file ends inside a tensor",
+                    source=self.display,
+                    found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
+                    expected="the whole tensor",
+                    fix="re-download or re-save the file",
+                )
+            done += got
+        with self._lock:
+            self.stats.bytes_read += nbytes
 
     def _rows(self, offset: int, count: int, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
-        nbytes = count * prod(row_shape) * _itemsize(dtype)
-        # Uninitialised memory filled by preadv through numpy's view of it: one copy, from the page cache.
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(out.numpy())  # type: ignore[arg-type]
-            fd = self._fd()
-            done = 0
-            while done < nbytes:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise CheckpointError(
-                        "file ends inside a tensor",
-                        source=self.display,
-                        found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
-                        expected="the whole tensor",
-                        fix="re-download or re-save the file",
-                    )
-                done += got
-            with self._lock:
-                self.stats.bytes_read += nbytes
-        return out.view(dtype).view(count, *row_shape)
+        out = torch.empty((count, *row_shape), dtype=dtype)
+        self._fill(out, offset)
+        return out
 
 
 _ITEMSIZE: dict[torch.dtype, int] = {}
