@@ -3,7 +3,7 @@
 Folders are recognised by their files, in this order: a PEFT adapter (`adapter_config.json` with
 `adapter_model.safetensors` or `.bin`, or their index), then weights (`model.safetensors`,
 `*.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json`, or a single
-`*.safetensors`/`*.bin`/`*.pt`). `config.json` (or, failing that, `adapter_config.json`) becomes the
+`*.safetensors`/`*.bin`/`*.pt`). `config.json` and `adapter_config.json`, merged with `config.json` winning, become the
 checkpoint's `config`, where params such as `num_experts` are read from. A checkpoint opened from a folder has
 that folder as its `root`.
 
