@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 
 from ownership.dtypes import DTYPE_ITEMSIZE
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Entry, ReadStats, torch_dtype
+from ownership.formats.entry import Entry, torch_dtype
 from ownership.formats.single import SingleFile
 from ownership.gcpause import paused_gc
 from ownership.selection import Selection
@@ -109,17 +108,9 @@ class SafetensorsFile(SingleFile):
 
     kind = "safetensors"
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        config: dict[str, Any] | None = None,
-        display: str | None = None,
-        stats: ReadStats | None = None,
-    ) -> None:
-        super().__init__(path, config=config, display=display, stats=stats)
+    def _list_entries(self) -> list[Entry]:
         with paused_gc():
-            self._set_entries(read_header(self.root, display=self.display))
+            return read_header(self.root, display=self.display)
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         return self._read_at_offset(self._checked(key, selection), selection)

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ __all__ = ["SingleFile"]
 
 
 class SingleFile(Checkpoint):
-    """A checkpoint stored in one file; subclasses list `self._entries` in `__init__` after calling this."""
+    """A checkpoint stored in one file; subclasses say how to list its entries (`_list_entries`)."""
 
     def __init__(
         self,
@@ -40,12 +41,12 @@ class SingleFile(Checkpoint):
         super().__init__(path, config=config, stats=stats)
         self.display = display or str(path)
         self._reader = RowReader(path, stats=self.stats, display=self.display)
-        self._entries: list[Entry] = []
-        self._by_key: dict[str, Entry] = {}
+        self._entries = self._list_entries()
+        self._by_key = {entry.key: entry for entry in self._entries}
 
-    def _set_entries(self, entries: list[Entry]) -> None:
-        self._entries = entries
-        self._by_key = {entry.key: entry for entry in entries}
+    @abstractmethod
+    def _list_entries(self) -> list[Entry]:
+        """Every entry of the file, from its header alone; called once, by `__init__`."""
 
     def entries(self) -> list[Entry]:
         return list(self._entries)

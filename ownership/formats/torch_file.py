@@ -18,17 +18,15 @@ Example:
 
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Entry, ReadStats, dtype_name
+from ownership.formats.entry import Entry, dtype_name
 from ownership.formats.single import SingleFile
 from ownership.formats.take import take
 from ownership.formats.torch_layout import tensor_layout
@@ -46,28 +44,17 @@ class TorchFile(SingleFile):
 
     kind = "torch"
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        config: dict[str, Any] | None = None,
-        display: str | None = None,
-        stats: ReadStats | None = None,
-    ) -> None:
-        super().__init__(path, config=config, display=display, stats=stats)
+    mapped = True
+    """False for an old non-zip pickle, which is read whole."""
+
+    def _list_entries(self) -> list[Entry]:
         path = self.root
-        self.mapped = True
         layout = tensor_layout(path) if path.is_file() and zipfile.is_zipfile(path) else None
         self._state: dict[str, torch.Tensor] = {}
         if layout is not None:
-            self._set_entries(
-                [Entry(key, t.dtype, t.shape, path.name, offset=t.offset) for key, t in layout.items()]
-            )
-        else:
-            self._state = self._load(path)
-            self._set_entries(
-                [Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()]
-            )
+            return [Entry(key, t.dtype, t.shape, path.name, offset=t.offset) for key, t in layout.items()]
+        self._state = self._load(path)
+        return [Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()]
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
