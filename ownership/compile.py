@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -480,24 +480,40 @@ class RankRules:
             group: _RankRule(rule, self.coords, bound.group_numbers) for group, rule in bound.by_group.items()
         }
 
-    def decide(self, key: str, shape: Sequence[int] | None = None) -> Decision:
-        """The decision for `key`; `shape` is needed by rules that select part of a tensor."""
-        m = self._match(key)
-        if m is None:
-            if self._default == "error":
-                self.bound.unmatched(key)
-            owned = self._default == "replicate"
-            return _new(Decision, (key, owned, DEFAULT_RULE, key if owned else None, NO_CAPTURES, None))
-        rule = self._rules[m.lastgroup]
-        fast = rule.fast
-        if fast is not None:
-            # One placed capture, no layout, no rename: the digits themselves index a table of decisions.
-            captures = fast.get(m.group(rule.fast_group))
-            if captures:
-                return _new(Decision, (key, True, rule.id, key, captures, None))
-            if captures is not None:
-                return _new(Decision, (key, False, rule.id, None, NO_CAPTURES, None))
-        return self._decide(key, m, rule, shape)
+        self.decide: Callable[..., Decision] = self._make_decide()
+        """`decide(key, shape=None)`: the decision for `key`; `shape` is needed by rules that select part of a
+        tensor. A closure over this rank's tables: the per-key path reads locals, not attributes."""
+
+    def _make_decide(self) -> Callable[..., Decision]:
+        match = self._match
+        rules = self._rules
+        # For simple rules: group -> (digits text -> captures or {}, group number, rule id).
+        fast = {group: (r.fast, r.fast_group, r.id) for group, r in rules.items() if r.fast is not None}
+        general = self._decide
+        unmatched = self._unmatched
+        new, decision, nothing = _new, Decision, NO_CAPTURES
+
+        def decide(key: str, shape: Sequence[int] | None = None) -> Decision:
+            m = match(key)
+            if m is None:
+                return unmatched(key)
+            group = m.lastgroup
+            entry = fast.get(group)
+            if entry is not None:
+                captures = entry[0].get(m.group(entry[1]))
+                if captures:
+                    return new(decision, (key, True, entry[2], key, captures, None))
+                if captures is not None:
+                    return new(decision, (key, False, entry[2], None, nothing, None))
+            return general(key, m, rules[group], shape)
+
+        return decide
+
+    def _unmatched(self, key: str) -> Decision:
+        if self._default == "error":
+            self.bound.unmatched(key)
+        owned = self._default == "replicate"
+        return _new(Decision, (key, owned, DEFAULT_RULE, key if owned else None, NO_CAPTURES, None))
 
     def _decide(self, key: str, m: Any, rule: _RankRule, shape: Sequence[int] | None) -> Decision:
         if rule.never:
