@@ -487,8 +487,15 @@ class RankRules:
     def _make_decide(self) -> Callable[..., Decision]:
         match = self._match
         rules = self._rules
-        # For simple rules: group -> (digits text -> captures or {}, group number, rule id).
-        fast = {group: (r.fast, r.fast_group, r.id) for group, r in rules.items() if r.fast is not None}
+        # Keyed by the number of the rule's outer group (`m.lastindex`), cheaper than its name.
+        numbers = self.bound.group_numbers
+        by_number = {numbers.get(group, -1): rule for group, rule in rules.items()}
+        # For simple rules: digits text -> captures or {}, the capture's group number, the rule id.
+        fast = {
+            numbers.get(group, -1): (r.fast, r.fast_group, r.id)
+            for group, r in rules.items()
+            if r.fast is not None
+        }
         general = self._decide
         unmatched = self._unmatched
         new, decision, nothing = _new, Decision, NO_CAPTURES
@@ -497,15 +504,16 @@ class RankRules:
             m = match(key)
             if m is None:
                 return unmatched(key)
-            group = m.lastgroup
-            entry = fast.get(group)
+            number = m.lastindex
+            entry = fast.get(number)
             if entry is not None:
-                captures = entry[0].get(m.group(entry[1]))
+                captures = entry[0].get(m[entry[1]])
                 if captures:
                     return new(decision, (key, True, entry[2], key, captures, None))
                 if captures is not None:
                     return new(decision, (key, False, entry[2], None, nothing, None))
-            return general(key, m, rules[group], shape)
+            rule = by_number.get(number)
+            return general(key, m, rule if rule is not None else rules[m.lastgroup], shape)
 
         return decide
 
