@@ -5,6 +5,8 @@ Example:
     >>> rules = ownership.load_ruleset("vllm-ep-lora").compile(mesh="ep=2", rank=1, params={"num_experts": 128})
     >>> rules.decide("base_model.model.model.layers.0.mlp.experts.64.up_proj.lora_A.weight").owned
     True
+    >>> callable(ownership.load) and callable(ownership.lint)
+    True
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "Decision",
     "DecisionError",
+    "LoadResult",
     "Mesh",
     "MeshError",
     "MeshPlan",
@@ -40,6 +43,26 @@ __all__ = [
     "RankRules",
     "Ruleset",
     "RulesetError",
+    "lint",
+    "load",
     "load_ruleset",
+    "open_checkpoint",
 ]
+
+# The loader and the linter import torch; `import ownership` stays light until they are used.
+_LAZY = {
+    "load": ("ownership.load", "load"),
+    "LoadResult": ("ownership.load", "LoadResult"),
+    "lint": ("ownership.lint", "lint"),
+    "open_checkpoint": ("ownership.formats", "open_checkpoint"),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(module), attribute)
+    raise AttributeError(f"module 'ownership' has no attribute {name!r}")
 __version__ = "0.1.0"
