@@ -65,4 +65,6 @@ def __getattr__(name: str) -> object:
         module, attribute = _LAZY[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'ownership' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
