@@ -4,7 +4,7 @@ Four adapters, each about 1 GB of float32 (24 MoE layers, 64 experts, hidden 204
 r = 16): per-expert 2-D keys and PEFT's fused expert LoRA, each as safetensors and as `.bin`. For each, three
 runs, each in a fresh process with the page cache warm:
 
-- `ownership`: `ownership.load.load(vllm-ep-lora, ..., mesh=ep=8, rank=3)`;
+- `ownership`: `ownership.loader.load(vllm-ep-lora, ..., mesh=ep=8, rank=3)`;
 - `naive`: `safetensors.torch.load_file` / `torch.load(weights_only=True)` of the whole file;
 - `raw`: `os.preadv` of exactly the byte ranges the plan reads, into one preallocated buffer (the floor).
 
@@ -92,7 +92,7 @@ def child(mode: str, path: Path) -> dict[str, Any]:
 
     from ownership import load_ruleset
     from ownership.formats import open_checkpoint
-    from ownership.load import load
+    from ownership.loader import load
     from ownership.plan import build_plan
     from ownership.selection import dim_indices, selection_read_count
 

@@ -5,7 +5,7 @@ Example:
     >>> rules = ownership.load_ruleset("vllm-ep-lora").compile(mesh="ep=2", rank=1, params={"num_experts": 128})
     >>> rules.decide("base_model.model.model.layers.0.mlp.experts.64.up_proj.lora_A.weight").owned
     True
-    >>> callable(ownership.load) and callable(ownership.lint)
+    >>> callable(ownership.load)
     True
 """
 
@@ -43,17 +43,16 @@ __all__ = [
     "RankRules",
     "Ruleset",
     "RulesetError",
-    "lint",
     "load",
     "load_ruleset",
     "open_checkpoint",
 ]
 
-# The loader and the linter import torch; `import ownership` stays light until they are used.
+# The loader imports torch; `import ownership` stays light until it is used. (The linter is `ownership.lint.lint`:
+# a package attribute cannot be both the subpackage and its function.)
 _LAZY = {
-    "load": ("ownership.load", "load"),
-    "LoadResult": ("ownership.load", "LoadResult"),
-    "lint": ("ownership.lint", "lint"),
+    "load": ("ownership.loader", "load"),
+    "LoadResult": ("ownership.loader", "LoadResult"),
     "open_checkpoint": ("ownership.formats", "open_checkpoint"),
 }
 

@@ -328,7 +328,7 @@ def _rules_show(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> int:
     from ownership.assemble import save_shard
-    from ownership.load import load
+    from ownership.loader import load
 
     dtype = _torch_dtype(args.dtype) if args.dtype else None
     ruleset = load_ruleset(args.ruleset)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ownership.load import load
+from ownership.loader import load
 from ownership.plan import MeshPlan
 from ownership.render import human_bytes, print_table
 from ownership.ruleset import load_ruleset

@@ -178,7 +178,7 @@ def test_folder_without_checkpoint(tmp_path: Path) -> None:
 
 
 def test_dtype_that_cannot_be_cast(tmp_path: Path) -> None:
-    from ownership.load import load
+    from ownership.loader import load
 
     path = write(tmp_path / "w.safetensors", {"m.experts.0.w.x": torch.zeros(2)})
     with pytest.raises(CheckpointError) as info:

@@ -10,7 +10,7 @@ import torch
 from ownership import load_ruleset
 from ownership.assemble import assemble, save_shard
 from ownership.formats import open_checkpoint
-from ownership.load import load
+from ownership.loader import load
 from ownership.placement import make_strategy
 from ownership.selection import dim_indices, selection_read_count
 from tests.conftest import FIXTURES
