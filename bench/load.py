@@ -103,7 +103,9 @@ def child(mode: str, path: Path) -> dict[str, Any]:
         # Byte ranges of the owned rows, from the headers, worked out before the clock starts.
         with open_checkpoint(path) as ckpt:
             plan = build_plan(ruleset.bind(mesh=f"ep={EP}", params=params), ckpt.entries(), rank=RANK)
-            offsets = {e.key: e.offset for e in ckpt.entries()}
+            # .bin files resolve a record's data offset on demand; safetensors entries carry it.
+            locate = getattr(ckpt, "data_offset", None)
+            offsets = {e.key: locate(e.key) if locate else e.offset for e in ckpt.entries()}
             for entry, decision in plan.owned_entries():
                 row = entry.nbytes // entry.shape[0]
                 rows = decision.selection[0] if decision.selection else None

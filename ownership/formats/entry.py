@@ -80,7 +80,8 @@ class Entry(NamedTuple):
     shape: tuple[int, ...]
     file: str
     offset: int | None = None
-    """Where the tensor's bytes start in `file`, when they are stored row-major and uncompressed."""
+    """Where the tensor's bytes start in `file`, when its header says so (safetensors); a `.bin` member's
+    offset needs its zip local header and is resolved on first read (`TorchFile.data_offset`)."""
 
     @property
     def itemsize(self) -> int:

@@ -65,6 +65,10 @@ class RowReader:
                 handle = self._handle
         return handle.fileno()
 
+    def peek(self, offset: int, size: int) -> bytes:
+        """A few bytes of metadata (not tensor data: not counted in `bytes_read`)."""
+        return os.pread(self._fd(), size, offset)
+
     def read(
         self, offset: int, dtype: torch.dtype, shape: tuple[int, ...], selection: Selection
     ) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ownership.errors import CheckpointError
 from ownership.formats.entry import Entry, dtype_name
 from ownership.formats.single import SingleFile
 from ownership.formats.take import take
-from ownership.formats.torch_layout import tensor_layout
+from ownership.formats.torch_layout import data_offset_from, tensor_layout
 from ownership.selection import Selection, selection_read_count
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
@@ -51,8 +51,11 @@ class TorchFile(SingleFile):
         path = self.root
         layout = tensor_layout(path) if path.is_file() and zipfile.is_zipfile(path) else None
         self._state: dict[str, torch.Tensor] = {}
+        self._layout = layout or {}
+        self._offsets: dict[str, int] = {}
         if layout is not None:
-            return [Entry(key, t.dtype, t.shape, path.name, offset=t.offset) for key, t in layout.items()]
+            # `offset` stays None: a record's data offset needs its local header, read on first use.
+            return [Entry(key, t.dtype, t.shape, path.name) for key, t in layout.items()]
         self._state = self._load(path)
         return [Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()]
 
@@ -114,11 +117,21 @@ class TorchFile(SingleFile):
         super().close()
         self._state = {}
 
+    def data_offset(self, key: str) -> int | None:
+        """File offset of a tensor's first byte, or None where it is not stored row-major and uncompressed."""
+        offset = self._offsets.get(key)
+        if offset is None and key in self._layout:
+            layout = self._layout[key]
+            offset = data_offset_from(self._reader.peek(layout.record, 30), layout.record) + layout.within
+            self._offsets[key] = offset
+        return offset
+
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         entry = self._checked(key, selection)
-        if entry.offset is not None:
+        offset = self.data_offset(key)
+        if offset is not None:
             # Read the owned rows with preadv: no mapped page of the file ever counts against this process.
-            return self._read_at_offset(entry, selection)
+            return self._read_at_offset(entry._replace(offset=offset), selection)
         tensor = self._state[key]
         self.stats.files_opened.add(str(self._reader.path))
         if self.mapped:

@@ -13,8 +13,8 @@ Example:
     >>> path = Path(tempfile.mkdtemp()) / "w.bin"
     >>> torch.save({"w": torch.zeros(2, 3)}, path)
     >>> layout = tensor_layout(path)
-    >>> layout["w"].dtype, layout["w"].shape
-    ('F32', (2, 3))
+    >>> layout["w"].dtype, layout["w"].shape, layout["w"].within
+    ('F32', (2, 3), 0)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from ownership.gcpause import paused_gc
 
-__all__ = ["TensorLayout", "tensor_layout"]
+__all__ = ["TensorLayout", "data_offset", "data_offset_from", "tensor_layout"]
 
 _STORAGE_DTYPES = {
     "DoubleStorage": ("F64", 8),
@@ -48,11 +48,13 @@ _STORAGE_DTYPES = {
 
 @dataclass(frozen=True, slots=True)
 class TensorLayout:
-    """A tensor's dtype, shape and the file offset of its first byte (row-major, uncompressed)."""
+    """A tensor's dtype, shape, and where its bytes are: `within` bytes into the zip record whose local header
+    starts at `record` (row-major, uncompressed). `data_offset` turns that into a file offset."""
 
     dtype: str
     shape: tuple[int, ...]
-    offset: int
+    record: int
+    within: int
 
 
 # Tuples, not dataclasses: one of each is made per tensor, and an adapter can hold tens of thousands.
@@ -168,9 +170,14 @@ def _zip64_offset(directory: bytes, start: int, length: int, *, directory_entry:
     raise zipfile.BadZipFile("zip64 offset missing")
 
 
-def _data_offset(handle: BinaryIO, local_header: int) -> int:
+def data_offset(handle: BinaryIO, local_header: int) -> int:
+    """File offset of a stored zip member's data, from its local header."""
     handle.seek(local_header)
-    local = handle.read(30)
+    return data_offset_from(handle.read(30), local_header)
+
+
+def data_offset_from(local: bytes, local_header: int) -> int:
+    """File offset of a stored zip member's data, from the 30 bytes of its local header."""
     if local[:4] != b"PK\x03\x04":
         raise zipfile.BadZipFile("bad local header")
     name_length, extra_length = struct.unpack_from("<HH", local, 26)
@@ -191,7 +198,7 @@ def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
             if len(pickles) != 1 or any(method != 0 for _, method in members.values()):
                 return None
             prefix = pickles[0][: -len("data.pkl")]
-            pickle_offset = _data_offset(handle, members[pickles[0]][0])
+            pickle_offset = data_offset(handle, members[pickles[0]][0])
             pickle_end = min(
                 (offset for offset, _ in members.values() if offset > members[pickles[0]][0]),
                 default=path.stat().st_size,
@@ -199,10 +206,9 @@ def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
             handle.seek(pickle_offset)
             state = _LayoutUnpickler(io.BytesIO(handle.read(pickle_end - pickle_offset))).load()
             data = prefix + "data/"
+            # Local headers are read only for the tensors a rank reads (`data_offset`), not for all of them.
             records = {
-                name[len(data) :]: _data_offset(handle, offset)
-                for name, (offset, _) in members.items()
-                if name.startswith(data)
+                name[len(data) :]: offset for name, (offset, _) in members.items() if name.startswith(data)
             }
     except (
         OSError,
@@ -235,6 +241,6 @@ def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
             or tensor.storage_offset + numel > tensor.storage.numel
         ):
             return None
-        offset = records[tensor.storage.key] + tensor.storage_offset * tensor.storage.itemsize
-        layout[key] = TensorLayout(tensor.storage.dtype, tensor.shape, offset)
+        within = tensor.storage_offset * tensor.storage.itemsize
+        layout[key] = TensorLayout(tensor.storage.dtype, tensor.shape, records[tensor.storage.key], within)
     return layout
