@@ -168,13 +168,15 @@ class BoundRule:
             not isinstance(table, list)
             or len(table) != num_coords
             or not all(isinstance(ids, list) and all(isinstance(g, int) for g in ids) for ids in table)
+            or any(len(set(ids)) != len(ids) for ids in table)
         ):
             raise RulesetError(
                 f"table for axis {placement.over!r} does not fit the mesh",
                 source=self.source,
                 rule=self.id,
                 found=_short(table),
-                expected=f"a list of {num_coords} lists of ids (one per coordinate of {placement.over!r})",
+                expected=f"a list of {num_coords} lists of ids (one per coordinate of {placement.over!r}), "
+                "no id twice in one list",
                 fix="give one list of ids per coordinate, e.g. table = [[0, 1], [2, 3]]",
                 code="bad-table",
             )

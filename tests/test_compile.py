@@ -165,6 +165,9 @@ def test_table_strategy_with_replicas() -> None:
     ]
     with pytest.raises(Exception, match="table for axis 'ep' does not fit the mesh"):
         ruleset.bind(mesh="ep=3", params={"placement": [[0, 1, 2], [3, 0]]})
+    # An id twice on one coordinate would be read twice there: refused.
+    with pytest.raises(Exception, match="no id twice in one list"):
+        ruleset.bind(mesh="ep=2", params={"placement": [[0, 0, 1], [2, 3]]})
 
 
 def test_rank_and_mesh_views_agree(ruleset: Ruleset) -> None:
