@@ -39,7 +39,6 @@ import difflib
 import os
 import re
 import sys
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from ownership.mesh import Mesh
 from ownership.render import print_json, print_table, selection_text
 from ownership.ruleset import Ruleset, load_ruleset
 from ownership.selection import DimSelection, Run, Selection, dim_indices
+from ownership.spec import load_toml
 
 __all__ = [
     "Case",
@@ -305,16 +305,7 @@ def parse_cases(text: str, *, source: str = "<cases>") -> CaseFile:
     case 'x': unknown field 'owners'
     one of: config, error, expect, mesh, name, ok, params
     """
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise RulesetError(
-            "case file is not valid TOML",
-            source=source,
-            found=str(error),
-            fix="fix the TOML syntax at that line",
-            code="schema",
-        ) from None
+    data = load_toml(text, source=source, what="case file")
     try:
         spec = _CaseFileSpec.model_validate(data)
     except ValidationError as error:

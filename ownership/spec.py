@@ -139,19 +139,23 @@ class RulesetSpec(_Strict):
         return self
 
 
-def parse_ruleset(text: str, *, source: str = "<string>") -> RulesetSpec:
-    """Parse a ruleset from TOML text; every problem is a `RulesetError` naming `source`."""
+def load_toml(text: str, *, source: str, what: str = "") -> dict[str, Any]:
+    """Parse TOML; a syntax error is a `RulesetError` naming `source` (`what` names the kind of file)."""
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RulesetError(
-            "not valid TOML",
+            f"{what} is not valid TOML" if what else "not valid TOML",
             source=source,
             found=str(error),
             fix="fix the TOML syntax at that line",
             code="schema",
         ) from None
-    return ruleset_from_data(data, source=source)
+
+
+def parse_ruleset(text: str, *, source: str = "<string>") -> RulesetSpec:
+    """Parse a ruleset from TOML text; every problem is a `RulesetError` naming `source`."""
+    return ruleset_from_data(load_toml(text, source=source), source=source)
 
 
 def load_ruleset_spec(path: str | os.PathLike[str]) -> RulesetSpec:
