@@ -35,7 +35,7 @@ from ownership.decision import Decision
 from ownership.errors import CheckpointError
 from ownership.selection import Selection, dim_indices, selection_to_json
 
-__all__ = ["METADATA_KEY", "assemble", "save_shard", "shard_index"]
+__all__ = ["METADATA_KEY", "Assembler", "assemble", "save_shard", "shard_index"]
 
 METADATA_KEY = "ownership"
 
@@ -102,37 +102,59 @@ def assemble(
     Elements held by several shards must agree bit for bit. With `check_coverage`, an element no shard holds is
     a `CheckpointError` naming the key and how many elements are missing.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    covered: dict[str, torch.Tensor] = {}
+    joined = Assembler()
     for path in paths:
         index = shard_index(path)["tensors"]
         with safe_open(str(path), framework="pt") as handle:
             for local_key, meta in index.items():
-                piece = handle.get_tensor(local_key)
-                key, shape = meta["key"], tuple(meta["shape"])
-                if key not in tensors:
-                    tensors[key] = torch.zeros(shape, dtype=piece.dtype)
-                    covered[key] = torch.zeros(shape, dtype=torch.bool)
-                _place(
-                    tensors[key],
-                    covered[key],
-                    piece,
+                joined.add(
+                    meta["key"],
+                    tuple(meta["shape"]),
+                    handle.get_tensor(local_key),
                     _selection_from_json(meta["selection"]),
-                    key=key,
                     source=str(path),
                 )
-    if check_coverage:
-        for key, mask in covered.items():
-            missing = int((~mask).sum())
-            if missing:
-                raise CheckpointError(
-                    "elements of this tensor are in no shard",
-                    key=key,
-                    found=f"{missing} of {mask.numel()} elements missing",
-                    expected="every element owned by at least one rank",
-                    fix="lint the ruleset against this checkpoint and mesh (`ownership lint`)",
-                )
-    return tensors
+    return joined.result(check_coverage=check_coverage)
+
+
+class Assembler:
+    """Whole tensors built up from pieces and their selections, checking that overlapping pieces agree.
+
+    Example:
+        >>> joined = Assembler()
+        >>> joined.add("w", (4,), torch.tensor([1.0, 2.0]), ((( 0, 2, 1),),), source="rank 0")
+        >>> joined.add("w", (4,), torch.tensor([3.0, 4.0]), (((2, 4, 1),),), source="rank 1")
+        >>> joined.result()["w"].tolist()
+        [1.0, 2.0, 3.0, 4.0]
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.covered: dict[str, torch.Tensor] = {}
+
+    def add(
+        self, key: str, shape: Sequence[int], piece: torch.Tensor, selection: Selection, *, source: str
+    ) -> None:
+        """Place `piece`, the `selection` of the tensor `key` of global `shape`."""
+        if key not in self.tensors:
+            self.tensors[key] = torch.zeros(tuple(shape), dtype=piece.dtype)
+            self.covered[key] = torch.zeros(tuple(shape), dtype=torch.bool)
+        _place(self.tensors[key], self.covered[key], piece, selection, key=key, source=source)
+
+    def result(self, *, check_coverage: bool = True) -> dict[str, torch.Tensor]:
+        """The joined tensors; with `check_coverage`, an element no piece held is a `CheckpointError`."""
+        if check_coverage:
+            for key, mask in self.covered.items():
+                missing = int((~mask).sum())
+                if missing:
+                    raise CheckpointError(
+                        "elements of this tensor are in no shard",
+                        key=key,
+                        found=f"{missing} of {mask.numel()} elements missing",
+                        expected="every element owned by at least one rank",
+                        fix="lint the ruleset against this checkpoint and mesh (`ownership lint`)",
+                    )
+        return self.tensors
 
 
 def _place(

@@ -11,19 +11,20 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ownership.builtin import builtin_names, builtin_path
+from ownership.builtin import builtin_names
 from ownership.decision import DEFAULT_RULE, Decision
 from ownership.errors import OwnershipError
 from ownership.params import coerce_param
 from ownership.plan import EntryLike, MeshPlan, Plan, entry_nbytes, read_keys_file
 from ownership.render import human_bytes, print_json, print_table, selection_text
-from ownership.ruleset import Ruleset, load_ruleset, to_mesh
-from ownership.spec import ruleset_json_schema
+from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset, rule_file, to_mesh
+from ownership.spec import load_ruleset_spec, ruleset_json_schema
 
 __all__ = ["main"]
 
@@ -45,6 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+_RULESET_HELP = (
+    "built-in ruleset name, a model_type, a rule file path, or `auto` (from the checkpoint's config.json); "
+    "may be left out when a checkpoint is given"
+)
+_CONFIG_HELP = "the base model's config.json, for params and model_type (adapters carry none)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ownership",
@@ -63,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=_explain)
 
     plan = commands.add_parser("plan", help="what each rank owns of a checkpoint or key list")
-    plan.add_argument("ruleset", help="built-in ruleset name or rule file path")
+    plan.add_argument("ruleset", help=_RULESET_HELP)
     plan.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
     plan.add_argument(
         "--keys", type=Path, help="key list: one key a line, optionally key<TAB>dtype<TAB>[shape]"
@@ -84,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     rules_show.set_defaults(handler=_rules_show)
 
     load = commands.add_parser("load", help="read one rank's share of a checkpoint into a safetensors file")
-    load.add_argument("ruleset", help="built-in ruleset name or rule file path")
-    load.add_argument("checkpoint", help="checkpoint file or folder")
+    load.add_argument("ruleset", help=_RULESET_HELP)
+    load.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
     load.add_argument("--rank", type=int, required=True, help="the rank to load")
     load.add_argument("--out", type=Path, required=True, help="output .safetensors file (written atomically)")
     load.add_argument("--dtype", help="cast floating-point tensors, e.g. bfloat16")
@@ -95,13 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     lint = commands.add_parser(
         "lint", help="prove a ruleset against a checkpoint and a mesh (exit 1 on errors)"
     )
-    lint.add_argument("ruleset", help="built-in ruleset name or rule file path")
+    lint.add_argument("ruleset", help=_RULESET_HELP)
     lint.add_argument("checkpoint", nargs="?", help="checkpoint file or folder (headers only are read)")
     lint.add_argument(
         "--keys", type=Path, help="key list: one key a line, optionally key<TAB>dtype<TAB>[shape]"
     )
     lint.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
     lint.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a ruleset param")
+    lint.add_argument("--config", type=Path, help=_CONFIG_HELP)
     lint.add_argument("--format", choices=("text", "json", "sarif"), default="text")
     lint.set_defaults(handler=_lint)
 
@@ -131,6 +140,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a ruleset param (repeatable), e.g. num_experts=128; JSON values allowed",
     )
+    parser.add_argument("--config", type=Path, help=_CONFIG_HELP)
     parser.add_argument("--format", choices=("table", "json"), default="table")
 
 
@@ -198,6 +208,62 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ruleset_and_params(args: argparse.Namespace, *, load: bool = True) -> tuple[Any, dict[str, Any]]:
+    """The ruleset named (or picked from the checkpoint's model_type) and the params.
+
+    `ownership plan CKPT ...` (one positional that is a checkpoint) means `auto`. With --config, params are
+    resolved here from that file (over the checkpoint's own config); otherwise the checkpoint's config is read
+    where the plan is made. With `load=False` the ruleset is returned as its name (for `lint`).
+    """
+    if args.checkpoint is None and getattr(args, "keys", None) is None and _is_checkpoint(args.ruleset):
+        args.checkpoint, args.ruleset = args.ruleset, "auto"
+    given = parse_params(args.param)
+    config = _read_config(args.config) if args.config is not None else None
+    if args.ruleset == "auto" or config is not None:
+        checkpoint_config = _checkpoint_config(args.checkpoint)
+        merged = {**(checkpoint_config or {}), **(config or {})}
+        if args.ruleset == "auto":
+            # Built-in rulesets are named after their files.
+            args.ruleset = detect_ruleset(merged, source=args.checkpoint or "the checkpoint").name
+        if config is not None:
+            given = load_ruleset(args.ruleset).resolve_params(given, config=merged)
+    return (load_ruleset(args.ruleset) if load else args.ruleset), given
+
+
+def _is_checkpoint(text: str) -> bool:
+    path = Path(text)
+    return path.is_dir() or (
+        path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".json")
+    )
+
+
+def _checkpoint_config(path: str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    from ownership.formats import open_checkpoint
+
+    with open_checkpoint(path) as checkpoint:
+        return dict(checkpoint.config) if checkpoint.config else None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise OwnershipError(
+            "cannot read the config file",
+            source=str(path),
+            found=str(error),
+            expected="a config.json (a JSON object)",
+            fix="point --config at the base model's config.json",
+        ) from None
+    if not isinstance(data, dict):
+        raise OwnershipError(
+            "the config file is not a JSON object", source=str(path), fix="point --config at a config.json"
+        )
+    return data
+
+
 def _entries(args: argparse.Namespace) -> tuple[Any, str]:
     if args.keys is not None and args.checkpoint is not None:
         raise OwnershipError("give a checkpoint or --keys, not both", fix="drop one of them")
@@ -215,11 +281,9 @@ def _entries(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    ruleset = load_ruleset(args.ruleset)
+    ruleset, params = _ruleset_and_params(args)
     source, name = _entries(args)
-    result = ruleset.plan(
-        source, mesh=args.mesh, rank=None if args.all_ranks else args.rank, params=parse_params(args.param)
-    )
+    result = ruleset.plan(source, mesh=args.mesh, rank=None if args.all_ranks else args.rank, params=params)
     if args.format == "json":
         print_json(_plan_json(result, ruleset, mesh=args.mesh))
         return 0
@@ -304,14 +368,32 @@ def _mesh_text(mesh: dict[str, int]) -> str:
 def _rules_list(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for name in builtin_names():
-        spec = load_ruleset(name).spec
-        rows.append({"name": name, "axes": spec.axes, "families": spec.families, "summary": spec.summary})
+        ruleset = load_ruleset(name)
+        spec = ruleset.spec
+        rows.append(
+            {
+                "name": name,
+                "extends": [Path(s.removesuffix(" (built-in)")).stem for s in ruleset.extends],
+                "axes": spec.axes,
+                "families": spec.families,
+                "summary": spec.summary,
+            }
+        )
     if args.format == "json":
         print_json(rows)
         return 0
     print_table(
-        ["name", "axes", "families", "summary"],
-        [[r["name"], ",".join(r["axes"]), ",".join(r["families"]) or "any", r["summary"]] for r in rows],
+        ["name", "extends", "axes", "families (model_type)", "summary"],
+        [
+            [
+                r["name"],
+                " < ".join(r["extends"]),
+                ",".join(r["axes"]),
+                ", ".join(r["families"]) or "any",
+                r["summary"],
+            ]
+            for r in rows
+        ],
     )
     return 0
 
@@ -319,10 +401,23 @@ def _rules_list(args: argparse.Namespace) -> int:
 def _rules_show(args: argparse.Namespace) -> int:
     path = Path(args.name)
     if not path.is_file():
-        path = builtin_path(args.name)
-    load_ruleset(path)  # show only what loads
+        path = rule_file(args.name)[0]
+    ruleset = load_ruleset(path)  # show only what loads
     print(f"# {path}")
     print(path.read_text(encoding="utf-8"), end="")
+    if ruleset.extends:
+        own = {rule.id for rule in load_ruleset_spec(path).rules}
+        print(f"\n# extends {' < '.join(ruleset.extends)}; the merged rules, first match wins:")
+        for rule in ruleset.program.rules:
+            origin = (
+                f"overrides {rule.spec.overrides!r}"
+                if rule.spec.overrides
+                else ("this file" if rule.id in own else "inherited")
+            )
+            when = (
+                " when " + ", ".join(f"{k}={v}" for k, v in rule.spec.when.items()) if rule.spec.when else ""
+            )
+            print(f"#   {rule.id:<28} {origin:<32} {rule.spec.match or rule.spec.regex}{when}")
     return 0
 
 
@@ -331,10 +426,10 @@ def _load(args: argparse.Namespace) -> int:
     from ownership.loader import load
 
     dtype = _torch_dtype(args.dtype) if args.dtype else None
-    ruleset = load_ruleset(args.ruleset)
-    result = load(
-        ruleset, args.checkpoint, mesh=args.mesh, rank=args.rank, params=parse_params(args.param), dtype=dtype
-    )
+    ruleset, params = _ruleset_and_params(args)
+    if args.checkpoint is None:
+        raise OwnershipError("nothing to load", fix="give a checkpoint file or folder")
+    result = load(ruleset, args.checkpoint, mesh=args.mesh, rank=args.rank, params=params, dtype=dtype)
     shapes = {entry.key: entry.shape for entry, _ in result.plan.owned_entries()}
     pieces = [(d, shapes[d.key] or (), result.tensors[d.local_key or d.key]) for d in result.plan.owned]
     info = {"ruleset": ruleset.name, "mesh": args.mesh, "rank": args.rank, "coords": result.plan.coords}
@@ -379,14 +474,15 @@ def _lint(args: argparse.Namespace) -> int:
     from ownership.lint.output import rule_lines
     from ownership.lint.run import resolve_rule_file
 
+    ruleset, params = _ruleset_and_params(args, load=False)
     source: Any = None
     if args.keys is not None or args.checkpoint is not None:
         source, _ = _entries(args)
-    report = lint(args.ruleset, source, mesh=args.mesh, params=parse_params(args.param))
+    report = lint(args.ruleset, source, mesh=args.mesh, params=params)
     if args.format == "json":
         print_json(to_json(report))
     elif args.format == "sarif":
-        print_json(to_sarif(report, rule_lines=rule_lines(str(resolve_rule_file(args.ruleset)[0]))))
+        print_json(to_sarif(report, rule_lines=rule_lines(str(resolve_rule_file(ruleset)[0]))))
     else:
         print(to_text(report))
     return report.exit_code

@@ -45,7 +45,7 @@ from ownership.rules import AnalyzedRule, Program
 from ownership.selection import DimSelection, Run, Selection, normalize_selection, runs_from_indices
 from ownership.spec import STRATEGIES, PlacementSpec
 
-__all__ = ["BoundRule", "BoundRuleset", "RankRules", "bind"]
+__all__ = ["BoundRule", "BoundRuleset", "RankRules", "bind", "rule_applies"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,14 @@ class BoundRule:
             DimPlacement(name, placement.over, placement, self._strategy_name(placement, name))
             for name, placement in rule.dims.items()
         )
-        self.pins: dict[str, int] = {axis: self._pin_coord(axis, at) for axis, at in rule.spec.pin.items()}
+        self.pins: dict[str, tuple[int, ...]] = {
+            axis: tuple(
+                sorted(
+                    {self._pin_coord(axis, at) for at in (pinned if isinstance(pinned, list) else [pinned])}
+                )
+            )
+            for axis, pinned in rule.spec.pin.items()
+        }
         self.known_sizes = {
             name: evaluate_size(ref, params, rule=self.id, source=source)
             for name, ref in rule.spec.sizes.items()
@@ -186,7 +193,8 @@ class BoundRule:
         sizes: Any = placement.sizes
         if isinstance(sizes, str):
             sizes = self.params.get(sizes)
-        if sizes is None:
+        if sizes is None or sizes == []:
+            # An empty list (a param's default) means the split of `layers` itself.
             return None
         if not isinstance(sizes, list) or len(sizes) != num_coords or sum(sizes) != num_ids:
             raise RulesetError(
@@ -372,6 +380,9 @@ class BoundRuleset:
     """A ruleset with params and mesh resolved: per-rank deciders and whole-mesh owners."""
 
     def __init__(self, program: Program, *, mesh: Mesh, params: Mapping[str, Any]) -> None:
+        active = tuple(rule for rule in program.rules if rule_applies(rule, params))
+        if len(active) != len(program.rules):
+            program = program.subset(active)
         self.program = program
         self.mesh = mesh
         self.params = dict(params)
@@ -440,8 +451,8 @@ class BoundRuleset:
         per_axis: dict[str, list[tuple[int, str | None, int]]] = {}
         for placement, g in zip(bound.captures, ids, strict=True):
             per_axis[placement.axis] = [(c, placement.name, s) for c, s in placement.strategy.owners(g)]
-        for axis, coord in bound.pins.items():
-            per_axis[axis] = [(coord, None, 0)]
+        for axis, pinned in bound.pins.items():
+            per_axis[axis] = [(coord, None, 0) for coord in pinned]
         fixed: dict[str, int] = {}
         for axis in set(per_axis) - set(self.mesh.names):
             # An axis the mesh does not declare has one coordinate, 0: the key is owned only if 0 holds it.
@@ -565,7 +576,9 @@ class _RankRule:
     def __init__(self, bound: BoundRule, coords: Mapping[str, int], bound_groups: Mapping[str, int]) -> None:
         self.bound = bound
         self.id = bound.id
-        self.never = bound.drop or any(coords.get(axis, 0) != coord for axis, coord in bound.pins.items())
+        self.never = bound.drop or any(
+            coords.get(axis, 0) not in pinned for axis, pinned in bound.pins.items()
+        )
         self.checks = tuple(
             (p.name, p.group, p.strategy.slot_table(coords.get(p.axis, 0)), p) for p in bound.captures
         )
@@ -583,6 +596,11 @@ class _RankRule:
 
     def not_owned(self, key: str) -> Decision:
         return _new(Decision, (key, False, self.id, None, NO_CAPTURES, None))
+
+
+def rule_applies(rule: AnalyzedRule, params: Mapping[str, Any]) -> bool:
+    """Whether every condition of the rule's `when` holds for `params`."""
+    return all(params.get(name) == value for name, value in rule.spec.when.items())
 
 
 def bind(program: Program, *, mesh: Mesh, params: Mapping[str, Any]) -> BoundRuleset:

@@ -14,11 +14,14 @@ Example:
     {'num_experts': 8}
     >>> evaluate_size("num_experts*2", {"num_experts": 8}, rule="r", source="demo")
     16
+    >>> evaluate_size("d_model/n_heads*kv_heads", {"d_model": 64, "n_heads": 8, "kv_heads": 2}, rule="r", source="d")
+    16
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,30 +102,48 @@ def resolve_params(
     return values
 
 
+_TOKEN = re.compile(r"\s*([*/]?)\s*([^*/\s]+)\s*")
+
+
+def _terms(expr: str) -> list[tuple[str, str]]:
+    """`a*b/c` -> [('*', 'a'), ('*', 'b'), ('/', 'c')]."""
+    return [(op or "*", name) for op, name in _TOKEN.findall(expr)]
+
+
 def size_names(expr: int | str) -> list[str]:
     """Param names a size expression refers to."""
     if isinstance(expr, int):
         return []
-    return [token.strip() for token in expr.split("*") if not token.strip().isdigit()]
+    return [name for _, name in _terms(expr) if not name.isdigit()]
 
 
 def evaluate_size(expr: int | str, params: Mapping[str, Any], *, rule: str | None, source: str) -> int:
-    """The value of a size: an int, a param name or a product such as `num_heads*head_dim`."""
+    """The value of a size: an int, a param name, or products and exact quotients such as
+    `num_heads*head_dim` or `hidden_size/num_heads` (left to right)."""
     if isinstance(expr, int):
         return expr
     total = 1
-    for token in expr.split("*"):
-        token = token.strip()
+    for op, token in _terms(expr):
         value: Any = int(token) if token.isdigit() else params.get(token)
-        if not isinstance(value, int) or isinstance(value, bool):
+        if not isinstance(value, int) or isinstance(value, bool) or (op == "/" and value == 0):
             raise RulesetError(
                 f"size {expr!r} needs an integer param {token!r}",
                 source=source,
                 rule=rule,
                 found=repr(value),
-                expected="an integer",
+                expected="an integer" if op == "*" else "a non-zero integer",
                 fix=f"pass --param {token}=N",
                 code="bad-param",
             )
-        total *= value
+        if op == "/" and total % value:
+            raise RulesetError(
+                f"size {expr!r} does not divide exactly",
+                source=source,
+                rule=rule,
+                found=f"{total} / {value}",
+                expected="a whole quotient",
+                fix="check the params behind the size against the model's config",
+                code="bad-param",
+            )
+        total = total * value if op == "*" else total // value
     return total

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +72,8 @@ class AnalyzedRule:
     """Placed layout dims and factors."""
     rename: tuple[RenamePiece, ...] | None
     groups: dict[str, str]
+    place: dict[str, PlacementSpec]
+    """The rule's own placements and those it takes from the ruleset's `[place]`."""
     """Every capture: name -> group name in the joined pattern."""
 
     @property
@@ -101,6 +104,10 @@ class Program:
 
     def rule_of(self, match: Match) -> AnalyzedRule:
         return self.by_group[match.lastgroup or ""]
+
+    def subset(self, rules: tuple[AnalyzedRule, ...]) -> Program:
+        """The same ruleset with only `rules` (in their order) in the joined pattern."""
+        return _join(self.spec, self.source, rules)
 
     def rule(self, rule_id: str) -> AnalyzedRule:
         for rule in self.rules:
@@ -148,17 +155,36 @@ def problems(spec: RulesetSpec, *, source: str = "<string>") -> list[RulesetErro
 
 
 def param_users(spec: RulesetSpec) -> dict[str, list[str]]:
-    """For each param, the ids of the rules that refer to it."""
+    """For each param, the ids of the rules (or `[place.NAME]` tables) that refer to it."""
     users: dict[str, list[str]] = {}
     for rule in spec.rules:
-        names: set[str] = set()
+        names: set[str] = set(rule.when)
         for ref in rule.sizes.values():
             names.update(size_names(ref))
         for placement in rule.place.values():
             names.update(_placement_params(placement, spec))
         for name in sorted(names):
             users.setdefault(name, []).append(rule.id)
+    for index, placement in spec.place.items():
+        for name in sorted(_placement_params(placement, spec)):
+            users.setdefault(name, []).append(f"[place.{index}]")
     return users
+
+
+def effective_place(
+    rule: RuleSpec, spec: RulesetSpec, *, captures: Mapping[str, CaptureKind], layout: Layout | None
+) -> dict[str, PlacementSpec]:
+    """The rule's placements plus each ruleset-level `[place.NAME]` whose index the rule captures or lays out,
+    unless the rule already places that index or uses that axis (by a placement or a pin)."""
+    place = dict(rule.place)
+    used = {p.over for p in place.values()} | set(rule.pin)
+    for name, placement in spec.place.items():
+        if name in place or placement.over in used:
+            continue
+        if name in captures or (layout is not None and name in layout.names):
+            place[name] = placement
+            used.add(placement.over)
+    return place
 
 
 def _placement_params(placement: PlacementSpec, spec: RulesetSpec) -> set[str]:
@@ -201,7 +227,11 @@ def _analyze_rule(
     captured: dict[str, tuple[str, PlacementSpec]] = {}
     dims: dict[str, PlacementSpec] = {}
     axes_used: dict[str, str] = {}
-    for name, placement in rule.place.items():
+    place = effective_place(rule, spec, captures=pattern.captures, layout=layout)
+    for param in rule.when:
+        if param not in spec.params:
+            report(_unknown_param(param, rule, spec, source))
+    for name, placement in place.items():
         for problem in _placement_problems(name, placement, rule, spec, pattern.captures, layout, source):
             report(problem)
         if placement.over in axes_used:
@@ -220,7 +250,7 @@ def _analyze_rule(
             captured[name] = (group_names[name], placement)
         elif layout is not None and name in layout.names:
             dims[name] = placement
-    for axis, at in rule.pin.items():
+    for axis, pinned in rule.pin.items():
         if axis not in spec.axes:
             report(_unknown_axis(axis, rule, spec, source, what="pin"))
         if axis in axes_used:
@@ -233,17 +263,18 @@ def _analyze_rule(
                     code="axis-placed-twice",
                 )
             )
-        if isinstance(at, int) and at < 0:
-            report(
-                RulesetError(
-                    f"pin at {at} on axis {axis!r}",
-                    source=source,
-                    rule=rule.id,
-                    expected="first, last or an index >= 0",
-                    fix="use a coordinate >= 0",
-                    code="bad-pin",
+        for at in pinned if isinstance(pinned, list) else [pinned]:
+            if isinstance(at, int) and at < 0:
+                report(
+                    RulesetError(
+                        f"pin at {at} on axis {axis!r}",
+                        source=source,
+                        rule=rule.id,
+                        expected="first, last or an index >= 0",
+                        fix="use a coordinate >= 0",
+                        code="bad-pin",
+                    )
                 )
-            )
     for name, ref in rule.sizes.items():
         if layout is None or name not in layout.names:
             report(
@@ -269,6 +300,7 @@ def _analyze_rule(
         dims=dims,
         rename=rename,
         groups=group_names,
+        place=place,
     )
 
 

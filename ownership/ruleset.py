@@ -10,21 +10,31 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ownership.builtin import builtin_path
+from ownership.builtin import builtin_for_family, builtin_names, builtin_path
 from ownership.compile import BoundRuleset, RankRules, bind
-from ownership.errors import MeshError
+from ownership.compose import resolve
+from ownership.errors import MeshError, RulesetError
 from ownership.mesh import Mesh
 from ownership.params import resolve_params
 from ownership.plan import EntryLike, MeshPlan, Plan, build_mesh_plan, build_plan, entries_from_keys
 from ownership.rules import Program, analyze, param_users
 from ownership.spec import RulesetSpec, load_ruleset_spec, parse_ruleset
 
-__all__ = ["MeshLike", "Ruleset", "Source", "load_ruleset", "to_mesh"]
+__all__ = [
+    "MeshLike",
+    "Ruleset",
+    "Source",
+    "detect_ruleset",
+    "load_ruleset",
+    "resolve_spec",
+    "rule_file",
+    "to_mesh",
+]
 
 MeshLike = Mesh | str | Mapping[str, int]
 Source = str | os.PathLike[str] | Sequence[str] | Sequence[tuple[str, str | None, Sequence[int] | None]]
@@ -46,12 +56,19 @@ class Ruleset:
     """A checked ruleset: its spec, where it came from, and its rules joined into one pattern."""
 
     spec: RulesetSpec
+    """The spec with everything it extends merged in."""
     source: str
     program: Program
+    extends: tuple[str, ...] = ()
+    """The sources of the rulesets it extends, nearest first."""
 
     @classmethod
-    def from_spec(cls, spec: RulesetSpec, *, source: str = "<string>") -> Ruleset:
-        return cls(spec=spec, source=source, program=analyze(spec, source=source))
+    def from_spec(
+        cls, spec: RulesetSpec, *, source: str = "<string>", base_dir: str | os.PathLike[str] = "."
+    ) -> Ruleset:
+        """Check a parsed spec; an `extends` path is looked up relative to `base_dir`."""
+        spec, chain = resolve_spec(spec, source=source, base_dir=base_dir)
+        return cls(spec=spec, source=source, program=analyze(spec, source=source), extends=chain)
 
     @classmethod
     def from_text(cls, text: str, *, source: str = "<string>") -> Ruleset:
@@ -61,8 +78,8 @@ class Ruleset:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], *, source: str | None = None) -> Ruleset:
         """Parse and check a rule file; `source` is how messages name it (default: the path)."""
-        spec = load_ruleset_spec(path)
-        return cls(spec=spec, source=source or str(path), program=analyze(spec, source=source or str(path)))
+        path = Path(path)
+        return cls.from_spec(load_ruleset_spec(path), source=source or str(path), base_dir=path.parent)
 
     @property
     def name(self) -> str:
@@ -134,9 +151,55 @@ def _entries(source: Any) -> tuple[list[EntryLike], Mapping[str, Any] | None]:
 
 
 def load_ruleset(name_or_path: str | os.PathLike[str]) -> Ruleset:
-    """A built-in ruleset by name (`vllm-ep-lora`), or a rule file by path."""
+    """A built-in ruleset by name (`vllm-ep-lora`) or by a `model_type` it serves (`qwen3_moe`), or a rule file.
+
+    Example:
+        >>> load_ruleset("mixtral").name
+        'transformers-moe'
+    """
+    path, source = rule_file(name_or_path)
+    return Ruleset.from_file(path, source=source)
+
+
+def detect_ruleset(config: Mapping[str, Any] | None, *, source: str = "the checkpoint") -> Ruleset:
+    """The built-in ruleset for a checkpoint's `config.json` `model_type`; a clear error when there is none."""
+    model_type = (config or {}).get("model_type")
+    name = builtin_for_family(model_type) if isinstance(model_type, str) else None
+    if name is None:
+        raise RulesetError(
+            "cannot pick a ruleset for this checkpoint",
+            source=source,
+            found=f"model_type {model_type!r}" if model_type else "no config.json with a model_type",
+            expected="a model_type that a built-in ruleset lists (`ownership rules list`)",
+            fix="name a ruleset (a built-in or a .toml file), or pass --config with the base model's config.json",
+            code="unknown-ruleset",
+        )
+    return load_ruleset(name)
+
+
+def resolve_spec(
+    spec: RulesetSpec, *, source: str, base_dir: str | os.PathLike[str] = "."
+) -> tuple[RulesetSpec, tuple[str, ...]]:
+    """Merge what `spec` extends (built-in names, or paths relative to `base_dir`); see `ownership.compose`."""
+    return resolve(spec, source=source, find=_finder(Path(base_dir)))
+
+
+def rule_file(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]:
+    """The rule file of a path, a built-in name or a `model_type`, and how messages name it."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists() or os.sep in str(name_or_path):
-        return Ruleset.from_file(path)
+        return path, str(path)
     name = str(name_or_path)
-    return Ruleset.from_file(builtin_path(name), source=f"{name}.toml (built-in)")
+    if name not in builtin_names():
+        name = builtin_for_family(name) or name
+    return builtin_path(name), f"{name}.toml (built-in)"
+
+
+def _finder(base_dir: Path) -> Callable[[str, str], tuple[RulesetSpec, str]]:
+    def find(name: str, child_source: str) -> tuple[RulesetSpec, str]:
+        if name.endswith(".toml") or "/" in name:
+            path = base_dir / name
+            return load_ruleset_spec(path), str(path)
+        return load_ruleset_spec(builtin_path(name)), f"{name}.toml (built-in)"
+
+    return find

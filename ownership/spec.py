@@ -47,7 +47,8 @@ __all__ = [
 PARTITION_STRATEGIES = ("linear", "round_robin", "table", "layers", "vllm_contiguous")
 STRATEGIES = (*PARTITION_STRATEGIES, "shard")
 
-ParamValue = int | str | list[int] | list[list[int]]
+ParamValue = bool | int | str | list[int] | list[list[int]]
+PinAt = int | Literal["first", "last"]
 SizeRef = int | str
 
 
@@ -101,9 +102,27 @@ class RuleSpec(_Strict):
     )
     sizes: dict[str, SizeRef] = Field(default_factory=dict, description="Known sizes of layout factors.")
     place: dict[str, PlacementSpec] = Field(default_factory=dict)
-    pin: dict[str, int | Literal["first", "last"]] = Field(default_factory=dict)
+    pin: dict[str, PinAt | list[PinAt]] = Field(
+        default_factory=dict,
+        description="Only these coordinates of an axis own the key: first, last, an index, or a list of them.",
+    )
     drop: bool = False
     rename: str | None = None
+    when: dict[str, ParamValue] = Field(
+        default_factory=dict,
+        description="The rule exists only when every named param has the given value, e.g. "
+        "{ tie_word_embeddings = true }.",
+    )
+    overrides: str | None = Field(
+        default=None,
+        description="In a ruleset that `extends` another: the id of the inherited rule this one replaces, in place.",
+    )
+    optional: bool = Field(
+        default=False,
+        description="The keys it serves are in only some checkpoints it is meant for (a ruleset for several "
+        "families, or for models and adapters alike), or are all taken by more specific rules on some (a "
+        "fallback): the linter reports it neither dead nor shadowed.",
+    )
     variant: str | None = Field(
         default=None,
         description=(
@@ -127,8 +146,19 @@ class RulesetSpec(_Strict):
     name: str
     summary: str = ""
     families: list[str] = Field(default_factory=list, description="config.json model_type values it serves.")
-    axes: list[str]
+    extends: str | None = Field(
+        default=None,
+        description="A ruleset this one builds on: a built-in name or a path relative to this file. Its axes, "
+        "params, index placements and rules are inherited; rules here come first, and a rule with `overrides` "
+        "replaces the inherited rule of that id in place.",
+    )
+    axes: list[str] = Field(default_factory=list)
     params: dict[str, ParamSpec] = Field(default_factory=dict)
+    place: dict[str, PlacementSpec] = Field(
+        default_factory=dict,
+        description="Placements by index name, applied to every rule that captures or lays out that index and "
+        "does not already use the placement's axis.",
+    )
     default: Literal["error", "replicate", "drop"] = "error"
     rules: list[RuleSpec] = Field(default_factory=list, alias="rule")
 
@@ -254,6 +284,9 @@ def _locate(loc: tuple[Any, ...], data: dict[str, Any]) -> tuple[str | None, str
         if len(rest) >= 2 and rest[0] == "place":
             model = "placement" if len(rest) >= 3 else "rule"
         parts = [str(p) for p in rest]
+    elif len(loc) >= 3 and loc[0] == "place":
+        model = "placement"
+        parts = [str(p) for p in loc]
     elif len(loc) >= 2 and loc[0] == "params":
         model = "param" if len(loc) >= 3 else "ruleset"
         parts = [str(p) for p in loc]

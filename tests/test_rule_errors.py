@@ -22,7 +22,7 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
     assert error.code == "schema"
     assert str(error) == (
         "bad.toml: rule 'routed': unknown field 'placee': found 'placee', expected one of: doc, drop, id, layout, "
-        "match, pin, place, regex, rename, sizes, variant. Fix: remove the field or correct its spelling"
+        "match, optional, overrides, pin, place, regex, rename, sizes, variant, when. Fix: remove the field or correct its spelling"
     )
 
 

@@ -3,7 +3,8 @@
 Folders are recognised by their files, in this order: a PEFT adapter (`adapter_config.json` with
 `adapter_model.safetensors` or `.bin`, or their index), then weights (`model.safetensors`,
 `*.safetensors.index.json`, `pytorch_model.bin`, `pytorch_model.bin.index.json`, or a single
-`*.safetensors`/`*.bin`/`*.pt`). `config.json` and `adapter_config.json`, merged with `config.json` winning, become the
+`*.safetensors`/`*.bin`/`*.pt`). `adapter_config.json`, the config.json of its `base_model_name_or_path` when that
+is a local folder, and `config.json`, merged in that order (later wins), become the
 checkpoint's `config`, where params such as `num_experts` are read from. A checkpoint opened from a folder has
 that folder as its `root`.
 
@@ -58,7 +59,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return _open_file(path, config=None)
     adapter_config = _json(path / "adapter_config.json")
     config = _json(path / "config.json")
-    merged = {**(adapter_config or {}), **(config or {})} if (adapter_config or config) else None
+    base_config = _base_model_config(adapter_config, folder=path)
+    parts = [c for c in (adapter_config, base_config, config) if c is not None]
+    merged = {k: v for c in parts for k, v in c.items()} if parts else None
     if adapter_config is not None:
         for name in _ADAPTER_FILES:
             if (path / name).is_file():
@@ -93,6 +96,18 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         + ", or a single .safetensors/.bin/.pt file",
         fix="point at the weight file or index directly",
     )
+
+
+def _base_model_config(adapter_config: dict[str, Any] | None, *, folder: Path) -> dict[str, Any] | None:
+    """The config.json of an adapter's `base_model_name_or_path` when that is a local folder (a hub id is
+    never fetched): as given, or relative to the adapter's folder."""
+    name = (adapter_config or {}).get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        return None
+    for base in (Path(name), folder / name):
+        if (base / "config.json").is_file():
+            return _json(base / "config.json")
+    return None
 
 
 def _in_folder(checkpoint: Checkpoint, *, folder: Path, kind: str) -> Checkpoint:

@@ -240,7 +240,7 @@ def _report_rules(state: _Pass, entries: Sequence[EntryLike]) -> None:
         if rule.id not in takers:
             continue
         taken = takers[rule.id]
-        if taken:
+        if taken and not rule.spec.optional:
             state.report.add(
                 "shadowed-rule",
                 f"every key it matches is taken first by rule {', '.join(sorted(taken))}",
@@ -252,7 +252,7 @@ def _report_rules(state: _Pass, entries: Sequence[EntryLike]) -> None:
                     "num_keys": sum(len(k) for k in taken.values()),
                 },
             )
-        elif rule.spec.variant is None or rule.spec.variant in present:
+        elif not rule.spec.optional and (rule.spec.variant is None or rule.spec.variant in present):
             own = rule.spec.match or rule.spec.regex or ""
             state.report.add(
                 "dead-rule",

@@ -18,24 +18,20 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ownership.builtin import builtin_path
 from ownership.errors import RulesetError
 from ownership.lint.finding import Finding, LintReport
 from ownership.lint.keys import check_keys
 from ownership.lint.static import static_findings
 from ownership.plan import EntryLike, entries_from_keys
-from ownership.ruleset import MeshLike, Ruleset, to_mesh
+from ownership.ruleset import MeshLike, Ruleset, resolve_spec, rule_file, to_mesh
 from ownership.spec import RulesetSpec, load_ruleset_spec, parse_ruleset
 
 __all__ = ["lint", "resolve_rule_file"]
 
 
 def resolve_rule_file(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]:
-    """The rule file of a built-in name or a path, and how messages name it."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists() or os.sep in str(name_or_path):
-        return path, str(path)
-    return builtin_path(str(name_or_path)), f"{name_or_path}.toml (built-in)"
+    """The rule file of a built-in name, a `model_type` or a path, and how messages name it."""
+    return rule_file(name_or_path)
 
 
 def lint(
@@ -79,10 +75,19 @@ def _load(
     ruleset: str | os.PathLike[str] | RulesetSpec, text: str | None
 ) -> tuple[str, str, RulesetSpec | None, Finding | None]:
     if isinstance(ruleset, RulesetSpec):
-        return ruleset.name, "<spec>", ruleset, None
+        try:
+            return ruleset.name, "<spec>", resolve_spec(ruleset, source="<spec>")[0], None
+        except RulesetError as error:
+            return (
+                ruleset.name,
+                "<spec>",
+                None,
+                Finding(error.code or "schema", "error", error.message, rule=error.rule, fix=error.fix),
+            )
     path, where = (Path("<string>"), str(ruleset)) if text is not None else resolve_rule_file(ruleset)
     try:
         spec = parse_ruleset(text, source=where) if text is not None else load_ruleset_spec(path)
+        spec, _ = resolve_spec(spec, source=where, base_dir=path.parent)
     except RulesetError as error:
         return (
             str(ruleset),

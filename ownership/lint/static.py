@@ -17,7 +17,7 @@ import itertools
 import re
 
 from ownership.lint.finding import Finding
-from ownership.rules import Program, analyze, problems
+from ownership.rules import AnalyzedRule, Program, analyze, problems
 from ownership.spec import RulesetSpec
 
 __all__ = ["example_keys", "static_findings"]
@@ -94,13 +94,15 @@ def _never_matches(program: Program) -> list[Finding]:
     for rule in program.rules[1:]:
         if rule.spec.match is None:
             continue
+        # Rules that can never be active together (their `when` conditions conflict) cannot shadow each other.
+        together = program.subset(tuple(r for r in program.rules if _compatible(r, rule)))
         takers: set[str] = set()
         reached = False
         for key in example_keys(rule.spec.match):
-            m = program.match(key)
+            m = together.match(key)
             if m is None:
                 continue  # a dot-joining corner of the generator; says nothing
-            winner = program.rule_of(m)
+            winner = together.rule_of(m)
             if winner.index >= rule.index:
                 reached = True
                 break
@@ -116,6 +118,10 @@ def _never_matches(program: Program) -> list[Finding]:
                 )
             )
     return out
+
+
+def _compatible(a: AnalyzedRule, b: AnalyzedRule) -> bool:
+    return all(b.spec.when.get(name, value) == value for name, value in a.spec.when.items())
 
 
 def _backtracking(program: Program) -> list[Finding]:
