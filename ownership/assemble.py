@@ -166,15 +166,17 @@ def _place(
     key: str,
     source: str,
 ) -> None:
-    # One index tensor per dim, shaped to broadcast along its own dim: an outer-product index (numpy's ix_).
     num_dims = full.dim()
-    index = []
-    for d in range(num_dims):
-        dim = None if selection is None else selection[d]
-        shape = [1] * num_dims
-        shape[d] = -1
-        index.append(torch.tensor(list(dim_indices(dim, full.shape[d])), dtype=torch.long).view(shape))
-    where = tuple(index)
+    where: tuple[Any, ...] = _slices(selection, num_dims)
+    if not where:
+        # One index tensor per dim, shaped to broadcast along its own dim: an outer-product index (numpy's ix_).
+        index = []
+        for d in range(num_dims):
+            dim = None if selection is None else selection[d]
+            shape = [1] * num_dims
+            shape[d] = -1
+            index.append(torch.tensor(list(dim_indices(dim, full.shape[d])), dtype=torch.long).view(shape))
+        where = tuple(index)
     region = full[where] if num_dims else full
     if piece.shape != region.shape:
         raise CheckpointError(
@@ -202,6 +204,21 @@ def _place(
     else:
         full.copy_(piece)
         covered.fill_(True)
+
+
+def _slices(selection: Selection, num_dims: int) -> tuple[slice, ...]:
+    """Basic slices when every dim is whole or one run (the common case, and a view), else ()."""
+    if selection is None:
+        return (slice(None),) * num_dims
+    out = []
+    for dim in selection:
+        if dim is None:
+            out.append(slice(None))
+        elif len(dim) == 1:
+            out.append(slice(*dim[0]))
+        else:
+            return ()
+    return tuple(out)
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class Ruleset:
     program: Program
     extends: tuple[str, ...] = ()
     """The sources of the rulesets it extends, nearest first."""
+    _bound: dict[str, BoundRuleset] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_spec(
@@ -104,8 +106,18 @@ class Ruleset:
         params: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> BoundRuleset:
-        """Resolve params and bind every rule to the mesh: the whole-mesh view (`owners`)."""
-        return bind(self.program, mesh=to_mesh(mesh), params=self.resolve_params(params, config=config))
+        """Resolve params and bind every rule to the mesh: the whole-mesh view (`owners`).
+
+        Binding is pure, so the result is kept per mesh and resolved params: loading rank after rank in one
+        process binds once.
+        """
+        mesh_obj = to_mesh(mesh)
+        resolved = self.resolve_params(params, config=config)
+        cache_key = json.dumps([mesh_obj.axes, sorted(resolved.items())], default=str)
+        bound = self._bound.get(cache_key)
+        if bound is None:
+            bound = self._bound[cache_key] = bind(self.program, mesh=mesh_obj, params=resolved)
+        return bound
 
     def compile(
         self,
