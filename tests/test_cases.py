@@ -46,7 +46,9 @@ def test_builtin_case_file_passes(path: Path) -> None:
     assert [str(failure) for failure in report.failures] == []
     # Every rule its own file defines needs a case; inherited rules are exercised by their own ruleset's cases.
     own = {rule.id for rule in load_ruleset_spec(builtin_path(ruleset.name)).rules}
-    assert [rule for rule in report.unexercised if rule in own] == [], "every rule of the ruleset needs a case"
+    assert [rule for rule in report.unexercised if rule in own] == [], (
+        "every rule of the ruleset needs a case"
+    )
     assert report.num_passed > 0 and report.ok
 
 
