@@ -9,7 +9,14 @@ one selection with different bytes, ranks that saw different checkpoints or plan
 failed are all reported, naming the key, its rule and the ranks.
 
 The check itself (`summarize`, `verify_summaries`) needs no process group, so it also serves launchers that
-gather by other means.
+gather by other means. Checksums are computed where the tensors are (a CUDA load is hashed on its GPU, never
+copied back), with the same value on any device.
+
+With `as_dtensor=True` (and a `DeviceMesh` as `mesh`, or one built over the whole world from the mesh's axes),
+tensors that are replicated or split into `torch.chunk`'s contiguous chunks over mesh axes come back as
+`DTensor`s with `Replicate()` / `Shard(dim)` placements; the rest (expert partitions, strided selections) stay
+local tensors. `result.shards` says, per local key, which: the global key and shape, the placements, and the
+global ids (experts, rows) the rank holds (see `ownership.sharding`).
 
 Example (two ranks loaded in one process; a ruleset that leaves expert 3 to no rank):
     >>> import tempfile, torch
@@ -34,7 +41,6 @@ Example (two ranks loaded in one process; a ruleset that leaves expert 3 to no r
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import itertools
 import json
@@ -46,6 +52,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from ownership.compile import BoundRuleset
 from ownership.errors import MeshError, OwnershipError
@@ -54,16 +61,19 @@ from ownership.mesh import Mesh
 from ownership.plan import EntryLike
 from ownership.ruleset import MeshLike, Ruleset, to_mesh
 from ownership.selection import Selection, runs_from_indices, selection_to_json
+from ownership.sharding import REPLICATE, ShardSpec, shard_specs
 
 __all__ = [
     "IntegrityError",
     "RankSummary",
     "checksum",
+    "checksums",
     "load_distributed",
     "mesh_from_device_mesh",
     "mesh_from_env",
     "mesh_from_process_group",
     "summarize",
+    "to_dtensors",
     "verify_summaries",
 ]
 
@@ -73,6 +83,14 @@ _ITEM = struct.Struct("<IIQ")
 _MAX_LISTED = 20
 # Bits of selection membership per int64 word (the sign bit stays clear).
 _WORD_BITS = 62
+# splitmix64's odd multipliers, as the int64 values torch multiplies with (wrapping).
+_M1 = 0x9E3779B97F4A7C15 - 2**64
+_M2 = 0xBF58476D1CE4E5B9 - 2**64
+_M3 = 0x94D049BB133111EB - 2**64
+# Words hashed per step of a large tensor: bounds the temporaries (three of this size) on its device.
+_CHUNK_WORDS = 2**20
+# Tensors up to this size are hashed together, in batches of up to _CHUNK_WORDS words.
+_SMALL_BYTES = 2**16
 
 
 class IntegrityError(OwnershipError):
@@ -202,37 +220,68 @@ def load_distributed(
     ruleset: Ruleset,
     checkpoint: str | os.PathLike[str],
     *,
-    mesh: MeshLike,
+    mesh: MeshLike | DeviceMesh,
     params: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     verify: bool = True,
     group: dist.ProcessGroup | None = None,
+    as_dtensor: bool = False,
 ) -> LoadResult:
     """Load this process's share of `checkpoint`: rank `dist.get_rank(group)` on `mesh`.
+
+    `mesh` is an ownership mesh (`"pp=2,ep=4"`, a mapping, a `Mesh`) or a `DeviceMesh` with named dims (then
+    its dims are the axes; see `mesh_from_device_mesh`). With a CUDA `device`, tensors are read straight onto
+    it through pinned staging (`ownership.staging`).
 
     With `verify`, one `all_gather_object` of per-rank summaries (selections and 64-bit checksums, not
     tensors) lets every rank check the whole job; every rank then raises the same `IntegrityError`, or none
     does. A rank whose own load fails raises its own error after the collective, so that no rank waits
     forever; the others raise `IntegrityError` naming it. Under NCCL, set the current CUDA device first
-    (`all_gather_object` needs it). Checksums are taken on the CPU before `device` moves the tensors.
+    (`all_gather_object` needs it). Checksums are taken on `device`, where the tensors are.
+
+    With `as_dtensor`, tensors that DTensor can represent come back as `DTensor`s on (a sub-mesh of) the
+    `DeviceMesh`: the one given as `mesh`, or `init_device_mesh` over the default group with the mesh's axes
+    as dim names. Without a `device`, the tensors go to the DeviceMesh's device type. `result.shards` then
+    holds every local key's `ShardSpec`. The DTensors are made without communication (`from_local` with the
+    global shape and stride, `run_check=False`).
 
     Example (run by every process of a job of 4):
         ```text
         dist.init_process_group("gloo")
         result = load_distributed(ruleset, "path/to/adapter", mesh="ep=4", params={"num_experts": 6})
         result.tensors, result.stats.bytes_read
+
+        device_mesh = init_device_mesh("cuda", (2, 2), mesh_dim_names=("ep", "tp"))
+        result = load_distributed(ruleset, "path/to/model", mesh=device_mesh, as_dtensor=True)
+        result.tensors["model.norm.weight"].placements   # (Replicate(), Replicate())
+        result.shards["model.layers.0.mlp.experts.3.w1.weight"].ids   # {'expert': (3,)}
         ```
     """
+    device_mesh = mesh if isinstance(mesh, DeviceMesh) else None
+    if device_mesh is not None:
+        if group is not None and group is not dist.GroupMember.WORLD:
+            raise MeshError(
+                "a DeviceMesh is given as the mesh together with a process group",
+                expected="the DeviceMesh alone: its ranks are the world's",
+                fix="pass group=None, or an ownership mesh and the group",
+            )
+        mesh = mesh_from_device_mesh(device_mesh)
+    assert not isinstance(mesh, DeviceMesh)
     mesh = _checked(to_mesh(mesh), dist.get_world_size(group), "the process group")
     rank = dist.get_rank(group)
+    if as_dtensor:
+        if device_mesh is None:
+            device_mesh = _device_mesh(mesh, device=device, group=group)
+        device = _dtensor_device(device, device_mesh)
     if not verify:
-        return load(ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype)
-    result: LoadResult | None = None
+        result = load(ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype)
+        return _as_dtensors(result, ruleset, mesh, device_mesh) if device_mesh is not None else result
+    loaded: LoadResult | None = None
     failure: BaseException | None = None
     try:
-        result = load(ruleset, checkpoint, mesh=mesh, rank=rank, params=params, dtype=dtype)
-        summary = summarize(result, mesh=mesh)
+        loaded = load(ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype)
+        summary = summarize(loaded, mesh=mesh)
     except Exception as error:  # the collective below must still run, or the other ranks hang
         failure = error
         summary = RankSummary(rank=rank, header=(), selections=[], items=b"", error=_describe_error(error))
@@ -241,13 +290,94 @@ def load_distributed(
     summaries: list[RankSummary] = gathered
     if failure is not None:
         raise failure
-    assert result is not None
-    problems = verify_summaries(summaries, ruleset=ruleset, entries=result.plan.entries)
+    assert loaded is not None
+    problems = verify_summaries(summaries, ruleset=ruleset, entries=loaded.plan.entries)
     if problems:
         raise _integrity_error(problems, ruleset=ruleset, mesh=mesh)
-    if device is not None:
-        result.tensors = {key: tensor.to(device) for key, tensor in result.tensors.items()}
+    return _as_dtensors(loaded, ruleset, mesh, device_mesh) if device_mesh is not None else loaded
+
+
+# -- DTensors --------------------------------------------------------------------------------------------------
+
+
+def to_dtensors(
+    tensors: Mapping[str, torch.Tensor], *, shards: Mapping[str, ShardSpec], device_mesh: DeviceMesh
+) -> dict[str, torch.Tensor]:
+    """`tensors` with every one whose `ShardSpec` has axes made a `DTensor` on that sub-mesh of `device_mesh`.
+
+    Local tensors must already be on the DeviceMesh's device type. No communication: `DTensor.from_local` with
+    the spec's global shape and contiguous stride, `run_check=False`.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import Placement
+
+    submeshes: dict[tuple[str, ...], DeviceMesh] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        spec = shards.get(key)
+        if spec is None or not spec.is_dtensor:
+            out[key] = tensor
+            continue
+        submesh = submeshes.get(spec.axes)
+        if submesh is None:
+            names = tuple(device_mesh.mesh_dim_names or ())
+            submesh = device_mesh if spec.axes == names else device_mesh[spec.axes]
+            submeshes[spec.axes] = submesh
+        placements: list[Placement] = [
+            Replicate() if p == REPLICATE else Shard(int(p.removeprefix("shard(").removesuffix(")")))
+            for p in spec.placements
+        ]
+        out[key] = DTensor.from_local(
+            tensor,
+            submesh,
+            placements,
+            run_check=False,
+            shape=torch.Size(spec.global_shape),
+            stride=_contiguous_stride(spec.global_shape),
+        )
+    return out
+
+
+def _as_dtensors(result: LoadResult, ruleset: Ruleset, mesh: Mesh, device_mesh: DeviceMesh) -> LoadResult:
+    bound = ruleset.bind(mesh=mesh, params=result.plan.params)
+    result.shards = shard_specs(result.plan, bound=bound)
+    result.tensors = to_dtensors(result.tensors, shards=result.shards, device_mesh=device_mesh)
     return result
+
+
+def _device_mesh(
+    mesh: Mesh, *, device: torch.device | str | None, group: dist.ProcessGroup | None
+) -> DeviceMesh:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if group is not None and group is not dist.GroupMember.WORLD:
+        raise MeshError(
+            "as_dtensor builds its DeviceMesh over the default process group, not a subgroup",
+            expected="group=None",
+            fix="pass a DeviceMesh of the subgroup's ranks as mesh",
+        )
+    device_type = torch.device(device).type if device is not None else "cpu"
+    sizes = tuple(size for _, size in mesh.axes)
+    return init_device_mesh(device_type, sizes, mesh_dim_names=mesh.names)
+
+
+def _dtensor_device(device: torch.device | str | None, device_mesh: DeviceMesh) -> torch.device | str:
+    if device is None:
+        return device_mesh.device_type
+    if torch.device(device).type != device_mesh.device_type:
+        raise MeshError(
+            f"the tensors go to {device} but the DeviceMesh is on {device_mesh.device_type}",
+            expected=f"a {device_mesh.device_type} device",
+            fix=f"pass device={device_mesh.device_type!r}, or a DeviceMesh of that device type",
+        )
+    return device
+
+
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        stride[d] = stride[d + 1] * max(shape[d + 1], 1)
+    return tuple(stride)
 
 
 # -- summaries and the check -----------------------------------------------------------------------------------
@@ -273,12 +403,15 @@ def summarize(result: LoadResult, *, mesh: MeshLike) -> RankSummary:
     """The summary of one rank's load: selections per owned key and checksums of the loaded tensors."""
     plan = result.plan
     selection_ids: dict[str, int] = {}
-    packed = bytearray()
+    numbers: list[tuple[int, int]] = []
+    tensors: list[torch.Tensor] = []
     for i, decision in zip(plan.index, plan.owned, strict=True):
         text = json.dumps(selection_to_json(decision.selection), separators=(",", ":"))
-        number = selection_ids.setdefault(text, len(selection_ids))
-        tensor = result.tensors[decision.local_key or decision.key]
-        packed += _ITEM.pack(i, number, checksum(tensor))
+        numbers.append((i, selection_ids.setdefault(text, len(selection_ids))))
+        tensors.append(_local(result.tensors[decision.local_key or decision.key]))
+    packed = bytearray()
+    for (i, number), value in zip(numbers, checksums(tensors), strict=True):
+        packed += _ITEM.pack(i, number, value)
     header = (
         plan.ruleset,
         str(to_mesh(mesh)),
@@ -289,23 +422,131 @@ def summarize(result: LoadResult, *, mesh: MeshLike) -> RankSummary:
     return RankSummary(rank=plan.rank, header=header, selections=list(selection_ids), items=bytes(packed))
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
 def checksum(tensor: torch.Tensor) -> int:
-    """A 64-bit BLAKE2b checksum of a tensor's dtype and bytes (the bytes are hashed in place on the CPU).
+    """A 64-bit checksum of a tensor's dtype and bytes, computed on the tensor's device; see `checksums`.
 
     Example:
         >>> checksum(torch.zeros(3)) == checksum(torch.zeros(3)), checksum(torch.zeros(3)) == checksum(torch.ones(3))
         (True, False)
     """
+    return checksums([tensor])[0]
+
+
+def checksums(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """64-bit checksums of tensors' dtypes and bytes, the same for the same bytes on any device.
+
+    The bytes, as 64-bit words (the last one zero-padded), are mixed each with its position (splitmix64's
+    multipliers and an xor-shift, a bijection of the word for each position) and summed modulo 2**64, on the tensor's
+    device in steps of 8 MiB; BLAKE2b then mixes the sum with the dtype and byte count. Integer sums do not
+    depend on the order of the additions, so a GPU and a CPU agree bit for bit, and a GPU load is hashed without
+    copying it back. A change of one word always changes the sum. Small tensors are hashed in batches; each
+    device's sums come back in one transfer.
+
+    Example:
+        >>> a, b = torch.arange(5, dtype=torch.int16), torch.arange(5, dtype=torch.int16).flip(0)
+        >>> len(set(checksums([a, b, a.to(torch.int32)]))), checksums([a]) == [checksum(a)]
+        (3, True)
+    """
+    sums: list[torch.Tensor | None] = [None] * len(tensors)
+    data: list[torch.Tensor] = []
+    small: dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        raw = _bytes(tensor)
+        data.append(raw)
+        if raw.numel() <= _SMALL_BYTES:
+            small.setdefault(raw.device, []).append(i)
+        else:
+            sums[i] = _large_sum(raw)
+    for device, indices in small.items():
+        batch: list[int] = []
+        words = 0
+        for i in indices:
+            size = -(-data[i].numel() // 8)
+            if batch and words + size > _CHUNK_WORDS:
+                _small_sums(data, batch, sums, device)
+                batch, words = [], 0
+            batch.append(i)
+            words += size
+        if batch:
+            _small_sums(data, batch, sums, device)
+    values: dict[int, int] = {}
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, value in enumerate(sums):
+        assert value is not None
+        by_device.setdefault(value.device, []).append((i, value))
+    for items in by_device.values():
+        stacked = torch.stack([value for _, value in items]).tolist()
+        values.update(zip((i for i, _ in items), (int(v) for v in stacked), strict=True))
+    out = []
+    for i, tensor in enumerate(tensors):
+        text = f"{tensor.dtype}|{data[i].numel()}|{values[i] % 2**64}"
+        out.append(int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little"))
+    return out
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor on its device, 8-byte aligned (copied only when not)."""
     data = tensor.detach()
-    if data.device.type != "cpu":
-        data = data.cpu()
-    data = data.contiguous()
-    digest = hashlib.blake2b(str(data.dtype).encode(), digest_size=8)
-    num_bytes = data.numel() * data.element_size()
-    if num_bytes:
-        # A view of the tensor's memory: hashing reads it without copying (and without numpy).
-        digest.update(memoryview((ctypes.c_char * num_bytes).from_address(data.data_ptr())))
-    return int.from_bytes(digest.digest(), "little")
+    if not data.is_contiguous():
+        data = data.contiguous()
+    raw = data.reshape(-1).view(torch.uint8)
+    if raw.storage_offset() % 8:
+        raw = raw.clone()
+    return raw
+
+
+def _mix(words: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each word mixed with its position; `positions` is consumed. The right shift is masked to be logical."""
+    x = words * _M1
+    x.bitwise_xor_(positions.mul_(_M2))
+    x.bitwise_xor_((x >> 29).bitwise_and_(2**35 - 1))
+    return x.mul_(_M3)
+
+
+def _large_sum(raw: torch.Tensor) -> torch.Tensor:
+    num_words, tail = divmod(raw.numel(), 8)
+    words = raw[: num_words * 8].view(torch.int64)
+    total = torch.zeros((), dtype=torch.int64, device=raw.device)
+    for start in range(0, num_words, _CHUNK_WORDS):
+        chunk = words[start : start + _CHUNK_WORDS]
+        positions = torch.arange(start, start + chunk.numel(), dtype=torch.int64, device=raw.device)
+        total += _mix(chunk, positions).sum()
+    if tail:
+        padded = torch.zeros(8, dtype=torch.uint8, device=raw.device)
+        padded[:tail] = raw[num_words * 8 :]
+        position = torch.full((1,), num_words, dtype=torch.int64, device=raw.device)
+        total += _mix(padded.view(torch.int64), position).sum()
+    return total
+
+
+def _small_sums(
+    data: Sequence[torch.Tensor], batch: Sequence[int], sums: list[torch.Tensor | None], device: torch.device
+) -> None:
+    """The sums of several small tensors at once: their padded bytes joined, positions restarting per tensor."""
+    pieces: list[torch.Tensor] = []
+    counts: list[int] = []
+    for i in batch:
+        raw = data[i]
+        pieces.append(raw)
+        pad = -raw.numel() % 8
+        if pad:
+            pieces.append(torch.zeros(pad, dtype=torch.uint8, device=device))
+        counts.append((raw.numel() + pad) // 8)
+    total = sum(counts)
+    words = torch.cat(pieces).view(torch.int64) if total else torch.zeros(0, dtype=torch.int64, device=device)
+    count_tensor = torch.tensor(counts, dtype=torch.int64, device=device)
+    starts = torch.cumsum(count_tensor, 0) - count_tensor
+    owner = torch.repeat_interleave(torch.arange(len(batch), device=device), count_tensor, output_size=total)
+    positions = torch.arange(total, dtype=torch.int64, device=device) - starts[owner]
+    batch_sums = torch.zeros(len(batch), dtype=torch.int64, device=device)
+    batch_sums.index_add_(0, owner, _mix(words, positions))
+    for j, i in enumerate(batch):
+        sums[i] = batch_sums[j]
 
 
 def verify_summaries(

@@ -5,6 +5,11 @@ selection through the checkpoint's back-end and returns the tensors under their 
 bytes owned, read and skipped. `iter_load` yields `(local_key, tensor)` pairs one at a time, so peak memory is
 what the caller keeps plus one tensor in flight.
 
+With a CUDA `device`, each owned tensor is allocated once on the device and filled through a small ring of pinned
+host buffers (`ownership.staging`): reading the next chunk from the file overlaps the asynchronous copy of the
+last one, so device memory is the owned bytes and host staging a few MiB. Other devices get each tensor read on
+the host and then moved.
+
 Example:
     >>> import tempfile, torch
     >>> from safetensors.torch import save_file
@@ -22,11 +27,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +42,12 @@ import torch
 from ownership.decision import Decision
 from ownership.errors import CheckpointError
 from ownership.formats import Checkpoint, open_checkpoint
+from ownership.formats.entry import check_selection, torch_dtype
 from ownership.plan import EntryLike, Plan, build_plan, entry_nbytes
 from ownership.ruleset import MeshLike, Ruleset
+from ownership.selection import Selection, selection_shape
+from ownership.sharding import ShardSpec
+from ownership.staging import CudaTransfer, FileRuns, Fill, StagingRing, host_fill
 
 __all__ = ["LoadResult", "LoadStats", "iter_load", "load"]
 
@@ -70,6 +82,9 @@ class LoadResult:
     tensors: dict[str, torch.Tensor]
     plan: Plan
     stats: LoadStats
+    shards: dict[str, ShardSpec] = field(default_factory=dict)
+    """Where each local tensor sits in the checkpoint's tensor (`ownership.sharding`), by local key; filled by
+    `load_distributed(..., as_dtensor=True)`, empty otherwise."""
 
 
 def iter_load(
@@ -83,8 +98,10 @@ def iter_load(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Read every owned selection of `plan` from `checkpoint`, in checkpoint order.
 
-    `dtype` casts floating-point tensors only (integer and bool tensors keep theirs); `device` moves each
-    tensor as it is read. `progress` draws a bar on a terminal (default: only for loads over 256 MiB).
+    `dtype` casts floating-point tensors only (integer and bool tensors keep theirs). With a CUDA `device`, each
+    tensor is allocated once there and filled through pinned staging, its cast done on the device; a yielded
+    tensor is ready for work queued on the current stream. Another `device` gets each tensor moved after it is
+    read. `progress` draws a bar on a terminal (default: only for loads over 256 MiB).
     """
     stats = stats if stats is not None else LoadStats()
     stats.bytes_total = plan.bytes_total
@@ -92,12 +109,10 @@ def iter_load(
     start_read = checkpoint.stats.bytes_read
     started = time.perf_counter()
     bar = _progress(stats.bytes_owned, progress)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    items = _staged(plan, checkpoint, device, dtype) if cuda else _on_host(plan, checkpoint, device, dtype)
     try:
-        for entry, decision, tensor in _prefetched(plan, checkpoint):
-            if dtype is not None and tensor.dtype != dtype:
-                tensor = _cast(tensor, dtype, key=entry.key)
-            if device is not None:
-                tensor = tensor.to(device, non_blocking=True)
+        for entry, decision, tensor in items:
             stats.num_tensors += 1
             stats.bytes_read = checkpoint.stats.bytes_read - start_read
             if bar is not None:
@@ -105,10 +120,140 @@ def iter_load(
             assert decision.local_key is not None
             yield decision.local_key, tensor
     finally:
+        items.close()
         if bar is not None:
             bar.close()
         stats.seconds += time.perf_counter() - started
         stats.files_opened = sorted(checkpoint.stats.files_opened)
+
+
+_Item = tuple[EntryLike, Decision, torch.Tensor]
+
+
+def _on_host(
+    plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None, dtype: torch.dtype | None
+) -> Generator[_Item, None, None]:
+    for entry, decision, tensor in _prefetched(plan, checkpoint):
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = _cast(tensor, dtype, key=entry.key)
+        if device is not None:
+            tensor = tensor.to(device, non_blocking=True)
+        yield entry, decision, tensor
+
+
+def _staged(
+    plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None, dtype: torch.dtype | None
+) -> Generator[_Item, None, None]:
+    """Owned tensors allocated once on the CUDA device and filled through a ring of pinned buffers.
+
+    Safetensors entries (whose headers give their offsets) selected whole or by rows are read with `preadv`
+    straight into the pinned buffers, on the ring's reader threads; other selections and formats are read on
+    the host by the checkpoint's back-end and then go through the same buffers. A tensor is yielded once its
+    copies have all been started (and the current stream told to wait for them), while later ones are read.
+    """
+    transfer = CudaTransfer(device)
+    ring = StagingRing(transfer)
+    files = _Files(checkpoint)
+    try:
+        for entry, decision in plan.owned_entries():
+            runs = files.runs(entry, decision.selection)
+            fill: Fill
+            if runs is None or entry.dtype is None or entry.shape is None:
+                host = checkpoint.read(entry.key, decision.selection)
+                fill, source_dtype, shape = host_fill(host), host.dtype, tuple(host.shape)
+            else:
+                source_dtype = torch_dtype(entry.dtype, key=entry.key, source=files.display)
+                fill, shape = runs, selection_shape(decision.selection, entry.shape)
+            target_dtype = source_dtype
+            if dtype is not None and dtype != source_dtype and source_dtype.is_floating_point:
+                _check_cast(source_dtype, dtype, key=entry.key)
+                target_dtype = dtype
+            target = torch.empty(shape, dtype=target_dtype, device=transfer.device)
+            started = ring.upload(target, fill=fill, source_dtype=source_dtype, tag=(entry, decision, target))
+            yield from _started(started, transfer, files)
+        yield from _started(ring.finish(), transfer, files)
+    finally:
+        ring.close()
+        files.close()
+
+
+def _started(items: list[_Item], transfer: CudaTransfer, files: _Files) -> Iterator[_Item]:
+    if items:
+        transfer.publish()
+        files.settle()
+        yield from items
+
+
+class _Files:
+    """Open checkpoint files for the staged path, and the byte runs of a selection in them."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        root = Path(checkpoint.root)
+        # Entries name their file relative to the folder opened, or beside the file opened.
+        self.base = root if root.is_dir() else root.parent
+        self.display = str(root)
+        self._fds: dict[str, int] = {}
+        # Bytes read by the reader threads, added to the checkpoint's statistics on the loading thread (whose
+        # back-end counts its own reads there under a lock of its own).
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def runs(self, entry: EntryLike, selection: Selection) -> FileRuns | None:
+        """The owned bytes as runs of the entry's file, or None where the entry has no offset or the selection
+        cuts dims after the first (the back-end then reads it)."""
+        offset: int | None = getattr(entry, "offset", None)
+        name: str | None = getattr(entry, "file", None)
+        if offset is None or name is None or entry.dtype is None or entry.shape is None:
+            return None
+        shape = entry.shape
+        if selection is not None and any(dim is not None for dim in selection[1:]):
+            return None
+        path = str(self.base / name)
+        check_selection(selection, shape, key=entry.key, source=path)
+        dtype = torch_dtype(entry.dtype, key=entry.key, source=path)
+        row = dtype.itemsize * prod(shape[1:])
+        runs: list[tuple[int, int]] = []
+        if not shape:
+            _add_run(runs, offset, row)
+        elif selection is None or selection[0] is None:
+            _add_run(runs, offset, shape[0] * row)
+        else:
+            for start, stop, step in selection[0]:
+                if step == 1:
+                    _add_run(runs, offset + start * row, (stop - start) * row)
+                else:
+                    for index in range(start, stop, step):
+                        _add_run(runs, offset + index * row, row)
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            self.checkpoint.stats.files_opened.add(path)
+        return FileRuns(fd, runs=runs, display=path, on_read=self._count)
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self._pending += nbytes
+
+    def settle(self) -> None:
+        """Add the bytes the reader threads read to the checkpoint's statistics."""
+        with self._lock:
+            pending, self._pending = self._pending, 0
+        self.checkpoint.stats.bytes_read += pending
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
+    if length <= 0:
+        return
+    if runs and runs[-1][0] + runs[-1][1] == offset:
+        runs[-1] = (runs[-1][0], runs[-1][1] + length)
+    else:
+        runs.append((offset, length))
 
 
 def _prefetched(plan: Plan, checkpoint: Checkpoint) -> Iterator[tuple[EntryLike, Decision, torch.Tensor]]:
@@ -170,15 +315,19 @@ def _read_batch(checkpoint: Checkpoint, batch: _Batch) -> list[tuple[EntryLike, 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, *, key: str) -> torch.Tensor:
     if not tensor.is_floating_point():
         return tensor
+    _check_cast(tensor.dtype, dtype, key=key)
+    return tensor.to(dtype)
+
+
+def _check_cast(source: torch.dtype, dtype: torch.dtype, *, key: str) -> None:
     if not dtype.is_floating_point:
         raise CheckpointError(
-            f"cannot cast a {tensor.dtype} tensor to {dtype}",
+            f"cannot cast a {source} tensor to {dtype}",
             key=key,
-            found=str(tensor.dtype),
+            found=str(source),
             expected="a floating-point target dtype",
             fix="pass a floating-point dtype such as torch.bfloat16, or none",
         )
-    return tensor.to(dtype)
 
 
 def load(

@@ -1,7 +1,8 @@
 """Distributed loading: 4 CPU processes on the gloo backend, talking over 127.0.0.1 only.
 
-Each spawned job writes what every rank saw to files the test reads back, so a failing rank shows its message
-instead of a bare exit code; a job that outlives its deadline is killed and fails the test.
+One spawn of 4 processes (module-scoped: starting processes is most of the cost) runs every job in turn, and
+each job writes what every rank saw to files the tests read back, so a failing rank shows its message instead
+of a bare exit code; a spawn that outlives its deadline is killed and fails the tests.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import save_file
 
-from ownership import MeshError, load_ruleset
+from ownership import MeshError, Ruleset, load_ruleset
 from ownership.distributed import (
     IntegrityError,
     load_distributed,
@@ -38,7 +41,7 @@ from tests.conftest import FIXTURES
 
 NUM_RANKS = 4
 NUM_EXPERTS = 6
-DEADLINE_S = 45.0
+DEADLINE_S = 120.0
 
 
 def _free_port() -> int:
@@ -73,11 +76,35 @@ def _spawn(job: Callable[[int, Path], None], out: Path) -> None:
         while not context.join(timeout=1.0):
             if time.monotonic() > deadline:
                 pytest.fail(f"the {NUM_RANKS}-process job did not finish within {DEADLINE_S:.0f} s")
+    except mp.ProcessRaisedException as error:
+        errors = "\n".join(path.read_text() for path in sorted(out.glob("*/rank*.error")))
+        pytest.fail(f"a rank failed: {error}\n{errors}")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def _every_job(rank: int, out: Path) -> None:
+    """Each job in turn, on the one process group; a job that raises leaves its traceback for the tests."""
+    for name, job in JOBS.items():
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        try:
+            job(rank, folder)
+        except Exception:
+            (folder / f"rank{rank}.error").write_text(traceback.format_exc())
+            raise
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The folder of every job's outputs, after one 4-process run."""
+    out = tmp_path_factory.mktemp("distributed")
+    save_file(DTENSOR_TENSORS, str(out / "dtensor.safetensors"))
+    _spawn(_every_job, out)
+    yield out
 
 
 def _original(path: Path) -> dict[str, torch.Tensor]:
@@ -149,11 +176,136 @@ def _mesh_job(rank: int, out: Path) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(seen))
 
 
+DTENSOR_RULES = """
+name = "dtensor-demo"
+axes = ["ep", "tp"]
+default = "replicate"
+
+[[rule]]
+id = "expert"
+match = "m.experts.<expert>.w"
+layout = "inter hidden"
+place = { expert = { over = "ep", size = 4 }, inter = { over = "tp", strategy = "shard" } }
+
+[[rule]]
+id = "fused"
+match = "m.fused.w"
+layout = "(expert r) hidden"
+place = { expert = { over = "ep", size = 4 } }
+
+[[rule]]
+id = "fused-round-robin"
+match = "m.fused_rr.w"
+layout = "(expert r) hidden"
+place = { expert = { over = "ep", size = 4, strategy = "round_robin" } }
+
+[[rule]]
+id = "fused-tp"
+match = "m.fused_tp.w"
+layout = "expert inter hidden"
+place = { expert = { over = "ep", size = 4 }, hidden = { over = "tp", strategy = "shard" } }
+
+[[rule]]
+id = "embed"
+match = "m.embed"
+layout = "vocab hidden"
+pin = { ep = "first" }
+place = { vocab = { over = "tp", strategy = "shard", uneven = true } }
+
+[[rule]]
+id = "two-axes-one-dim"
+match = "m.both"
+layout = "(a b) hidden"
+sizes = { a = 2 }
+place = { a = { over = "ep", strategy = "shard" }, b = { over = "tp", strategy = "shard" } }
+"""
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(6)
+    shapes = {
+        **{f"m.experts.{e}.w": (4, 6) for e in range(4)},
+        "m.fused.w": (8, 6),
+        "m.fused_rr.w": (8, 6),
+        "m.fused_tp.w": (4, 3, 6),
+        "m.embed": (7, 6),
+        "m.both": (8, 6),
+        "m.norm": (6,),
+    }
+    return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+
+
+DTENSOR_TENSORS = _tensors()
+
+
+def _dtensor_job(rank: int, out: Path) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    ruleset = Ruleset.from_text(DTENSOR_RULES)
+    checkpoint = out.parent / "dtensor.safetensors"
+    seen: dict[str, Any] = {}
+    # The DeviceMesh built from the ownership mesh; verify runs on the local tensors first.
+    result = load_distributed(ruleset, checkpoint, mesh="ep=2,tp=2", as_dtensor=True)
+    for decision in result.plan.owned:  # checkpoint order: every rank meets the collectives in one order
+        key = decision.local_key or decision.key
+        tensor, spec = result.tensors[key], result.shards[key]
+        item: dict[str, Any] = {
+            "ids": {name: list(ids) for name, ids in spec.ids.items()},
+            "reason": spec.reason,
+        }
+        if isinstance(tensor, DTensor):
+            item["mesh"] = list(tensor.device_mesh.mesh_dim_names or ())
+            item["placements"] = [_placement(p) for p in tensor.placements]
+            item["local_equal"] = torch.equal(
+                tensor.to_local(), _local_part(decision.key, decision.selection)
+            )
+            item["full_equal"] = torch.equal(tensor.full_tensor(), DTENSOR_TENSORS[decision.key])
+        else:
+            item["local_equal"] = torch.equal(tensor, _local_part(decision.key, decision.selection))
+        seen[key] = item
+    # A DeviceMesh given as the mesh: the same placements.
+    device_mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "tp"))
+    again = load_distributed(ruleset, checkpoint, mesh=device_mesh, as_dtensor=True, verify=False)
+    seen["again"] = {
+        key: [_placement(p) for p in t.placements] if isinstance(t, DTensor) else None
+        for key, t in again.tensors.items()
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+def _placement(placement: Any) -> str:
+    """A torch placement in `ShardSpec` words (torch's own str() changes between versions)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    if isinstance(placement, Shard):
+        return f"shard({placement.dim})"
+    assert isinstance(placement, Replicate), placement
+    return "replicate"
+
+
+def _local_part(key: str, selection: Any) -> torch.Tensor:
+    part = DTENSOR_TENSORS[key]
+    for d, dim in enumerate(selection or ()):
+        if dim is not None:
+            part = part.index_select(d, torch.tensor(list(dim_indices(dim, part.shape[d]))))
+    return part
+
+
+JOBS: dict[str, Callable[[int, Path], None]] = {
+    "load": _load_job,
+    "gap": _gap_job,
+    "failing": _failing_rank_job,
+    "mesh": _mesh_job,
+    "dtensor": _dtensor_job,
+}
+
+
 # -- tests -----------------------------------------------------------------------------------------------------
 
 
-def test_every_rank_holds_its_slices_of_the_original(tmp_path: Path) -> None:
-    _spawn(_load_job, tmp_path)
+def test_every_rank_holds_its_slices_of_the_original(spawned: Path) -> None:
+    tmp_path = spawned / "load"
     for name in ("lora_per_expert", "lora_fused"):
         original = _original(FIXTURES / "qwen3_moe" / name)
         covered = {key: torch.zeros(tensor.shape, dtype=torch.int32) for key, tensor in original.items()}
@@ -197,8 +349,8 @@ def _outer(index: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def test_verify_fails_on_every_rank_for_a_gap(tmp_path: Path) -> None:
-    _spawn(_gap_job, tmp_path)
+def test_verify_fails_on_every_rank_for_a_gap(spawned: Path) -> None:
+    tmp_path = spawned / "gap"
     messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(NUM_RANKS)]
     assert len(set(messages)) == 1
     lines = messages[0].splitlines()
@@ -216,8 +368,8 @@ def test_verify_fails_on_every_rank_for_a_gap(tmp_path: Path) -> None:
     assert len(lines) == 9
 
 
-def test_a_rank_that_cannot_load_fails_every_rank(tmp_path: Path) -> None:
-    _spawn(_failing_rank_job, tmp_path)
+def test_a_rank_that_cannot_load_fails_every_rank(spawned: Path) -> None:
+    tmp_path = spawned / "failing"
     messages = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in range(NUM_RANKS)}
     assert messages[2].startswith("CheckpointError: ")
     assert "no-such-adapter: no such file or folder" in messages[2]
@@ -229,8 +381,8 @@ def test_a_rank_that_cannot_load_fails_every_rank(tmp_path: Path) -> None:
         assert "\n  rank 2 could not load its share: CheckpointError: " in messages[rank]
 
 
-def test_meshes_from_the_process_group_and_device_mesh(tmp_path: Path) -> None:
-    _spawn(_mesh_job, tmp_path)
+def test_meshes_from_the_process_group_and_device_mesh(spawned: Path) -> None:
+    tmp_path = spawned / "mesh"
     for rank in range(NUM_RANKS):
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert seen == {
@@ -308,3 +460,48 @@ def test_sound_loads_verify_without_a_process_group(name: str) -> None:
     ]
     summaries = [summarize(result, mesh="ep=4") for result in results]
     assert verify_summaries(summaries, ruleset=ruleset, entries=results[0].plan.entries) == []
+
+
+def test_dtensors_for_what_dtensor_can_hold_and_global_ids_for_the_rest(spawned: Path) -> None:
+    shard0, shard2, replicate = "shard(0)", "shard(2)", "replicate"
+    for rank in range(NUM_RANKS):
+        ep, tp = divmod(rank, 2)
+        seen = json.loads((spawned / "dtensor" / f"rank{rank}.json").read_text())
+        again = seen.pop("again")
+        experts = [2 * ep, 2 * ep + 1]
+
+        def dtensor(mesh: list[str], placements: list[str], ids: dict[str, list[int]]) -> dict[str, Any]:
+            return {
+                "mesh": mesh,
+                "placements": placements,
+                "ids": ids,
+                "reason": None,
+                "local_equal": True,
+                "full_equal": True,
+            }
+
+        def local(reason: str, ids: dict[str, list[int]]) -> dict[str, Any]:
+            return {"ids": ids, "reason": reason, "local_equal": True}
+
+        expected = {
+            **{
+                f"m.experts.{e}.w": dtensor(["tp"], [shard0], {"expert": [e], "inter": [2 * tp, 2 * tp + 1]})
+                for e in experts
+            },
+            "m.fused.w": dtensor(["ep", "tp"], [shard0, replicate], {"expert": experts}),
+            "m.fused_rr.w": local("its selection is strided or not contiguous", {"expert": [ep, ep + 2]}),
+            "m.fused_tp.w": dtensor(
+                ["ep", "tp"],
+                [shard0, shard2],
+                {"expert": experts, "hidden": [3 * tp, 3 * tp + 1, 3 * tp + 2]},
+            ),
+            **(
+                {"m.embed": dtensor(["tp"], [shard0], {"vocab": [0, 1, 2, 3] if tp == 0 else [4, 5, 6]})}
+                if ep == 0
+                else {}
+            ),
+            "m.both": local("two mesh axes shard the same dim", {"a": [ep], "b": [2 * tp, 2 * tp + 1]}),
+            "m.norm": dtensor(["ep", "tp"], [replicate, replicate], {}),
+        }
+        assert seen == expected, rank
+        assert again == {key: item.get("placements") for key, item in expected.items()}
