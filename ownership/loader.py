@@ -43,7 +43,8 @@ from ownership.decision import Decision
 from ownership.errors import CheckpointError
 from ownership.formats import Checkpoint, open_checkpoint
 from ownership.formats.entry import check_selection, torch_dtype
-from ownership.plan import EntryLike, Plan, build_plan, entry_nbytes
+from ownership.gcpause import paused_gc
+from ownership.plan import EntryLike, Plan, PlanBuilder, entry_nbytes
 from ownership.ruleset import MeshLike, Ruleset
 from ownership.selection import Selection, selection_shape
 from ownership.sharding import ShardSpec
@@ -106,11 +107,24 @@ def iter_load(
     stats = stats if stats is not None else LoadStats()
     stats.bytes_total = plan.bytes_total
     stats.bytes_owned = plan.bytes_owned
+    bar = _progress(stats.bytes_owned, progress)
+    yield from _load_pairs(plan.owned_entries(), checkpoint, device=device, dtype=dtype, stats=stats, bar=bar)
+
+
+def _load_pairs(
+    pairs: Iterator[tuple[EntryLike, Decision]],
+    checkpoint: Checkpoint,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    stats: LoadStats,
+    bar: _Bar | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read the owned `(entry, decision)` pairs as they come; counts into `stats`."""
     start_read = checkpoint.stats.bytes_read
     started = time.perf_counter()
-    bar = _progress(stats.bytes_owned, progress)
     cuda = device is not None and torch.device(device).type == "cuda"
-    items = _staged(plan, checkpoint, device, dtype) if cuda else _on_host(plan, checkpoint, device, dtype)
+    items = _staged(pairs, checkpoint, device, dtype) if cuda else _on_host(pairs, checkpoint, device, dtype)
     try:
         for entry, decision, tensor in items:
             stats.num_tensors += 1
@@ -131,9 +145,12 @@ _Item = tuple[EntryLike, Decision, torch.Tensor]
 
 
 def _on_host(
-    plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None, dtype: torch.dtype | None
+    pairs: Iterator[tuple[EntryLike, Decision]],
+    checkpoint: Checkpoint,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
 ) -> Generator[_Item, None, None]:
-    for entry, decision, tensor in _prefetched(plan, checkpoint):
+    for entry, decision, tensor in _prefetched(pairs, checkpoint):
         if dtype is not None and tensor.dtype != dtype:
             tensor = _cast(tensor, dtype, key=entry.key)
         if device is not None:
@@ -142,7 +159,10 @@ def _on_host(
 
 
 def _staged(
-    plan: Plan, checkpoint: Checkpoint, device: torch.device | str | None, dtype: torch.dtype | None
+    pairs: Iterator[tuple[EntryLike, Decision]],
+    checkpoint: Checkpoint,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
 ) -> Generator[_Item, None, None]:
     """Owned tensors allocated once on the CUDA device and filled through a ring of pinned buffers.
 
@@ -155,7 +175,7 @@ def _staged(
     ring = StagingRing(transfer)
     files = _Files(checkpoint)
     try:
-        for entry, decision in plan.owned_entries():
+        for entry, decision in pairs:
             runs = files.runs(entry, decision.selection)
             fill: Fill
             if runs is None or entry.dtype is None or entry.shape is None:
@@ -256,56 +276,45 @@ def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
         runs.append((offset, length))
 
 
-def _prefetched(plan: Plan, checkpoint: Checkpoint) -> Iterator[tuple[EntryLike, Decision, torch.Tensor]]:
+def _prefetched(
+    pairs: Iterator[tuple[EntryLike, Decision]], checkpoint: Checkpoint
+) -> Iterator[tuple[EntryLike, Decision, torch.Tensor]]:
     """Owned tensors in plan order, read by two threads ahead of the consumer.
 
     Reads copy from storage or the page cache with the GIL released, so a second reader overlaps the Python
-    work of the first. Small tensors go in batches of about `_BATCH_BYTES`, so that handing work to a thread
-    costs little next to the work; at most `_PREFETCH_BYTES` is read ahead, which bounds staging memory.
+    work of the first, and of whoever produces `pairs` (a plan still being decided). Small tensors go in batches
+    of about `_BATCH_BYTES`, so that handing work to a thread costs little next to the work; at most
+    `_PREFETCH_BYTES` is read ahead, which bounds staging memory.
     """
-    batches = _batches(list(plan.owned_entries()))
-    if len(batches) < 2:
-        for batch in batches:
-            yield from _read_batch(checkpoint, batch)
-        return
     with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="ownership-read") as pool:
         pending: deque[tuple[int, Future[list[tuple[EntryLike, Decision, torch.Tensor]]]]] = deque()
         ahead = 0
-        submitted = 0
+        batch: _Batch = []
+        size = 0
         try:
-            while True:
-                while submitted < len(batches) and (not pending or ahead < _PREFETCH_BYTES):
-                    batch = batches[submitted]
-                    submitted += 1
-                    size = sum(entry_nbytes(entry, decision) or 0 for entry, decision in batch)
-                    pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
-                    ahead += size
-                if not pending:
-                    return
-                size, future = pending.popleft()
-                ahead -= size
-                yield from future.result()
+            for entry, decision in pairs:
+                batch.append((entry, decision))
+                size += entry_nbytes(entry, decision) or 0
+                if size < _BATCH_BYTES:
+                    continue
+                pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
+                ahead += size
+                batch, size = [], 0
+                # Hand over what is read; wait only when too far ahead.
+                while pending and (ahead >= _PREFETCH_BYTES or pending[0][1].done()):
+                    done, future = pending.popleft()
+                    ahead -= done
+                    yield from future.result()
+            if batch:
+                pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
+            while pending:
+                yield from pending.popleft()[1].result()
         finally:
             for _, future in pending:
                 future.cancel()
 
 
 _Batch = list[tuple[EntryLike, Decision]]
-
-
-def _batches(items: _Batch) -> list[_Batch]:
-    batches: list[_Batch] = []
-    current: _Batch = []
-    size = 0
-    for entry, decision in items:
-        current.append((entry, decision))
-        size += entry_nbytes(entry, decision) or 0
-        if size >= _BATCH_BYTES:
-            batches.append(current)
-            current, size = [], 0
-    if current:
-        batches.append(current)
-    return batches
 
 
 def _read_batch(checkpoint: Checkpoint, batch: _Batch) -> list[tuple[EntryLike, Decision, torch.Tensor]]:
@@ -347,9 +356,21 @@ def load(
     """
     with open_checkpoint(checkpoint) as source:
         bound = ruleset.bind(mesh=mesh, params=params, config=source.config)
-        plan = build_plan(bound, source.entries(), rank=rank)
+        builder = PlanBuilder(bound, source.entries(), rank=rank)
         stats = LoadStats()
-        tensors = dict(iter_load(plan, source, device=device, dtype=dtype, stats=stats, progress=progress))
+        if progress or (progress is None and sys.stderr.isatty()):
+            # A progress bar may be drawn, and it needs the total first.
+            plan = builder.plan()
+            tensors = dict(
+                iter_load(plan, source, device=device, dtype=dtype, stats=stats, progress=progress)
+            )
+        else:
+            # Reading starts with the first owned key while the rest are still being decided.
+            with paused_gc():
+                pairs = builder.owned_entries()
+                tensors = dict(_load_pairs(pairs, source, device=device, dtype=dtype, stats=stats, bar=None))
+            plan = builder.plan()
+            stats.bytes_total, stats.bytes_owned = plan.bytes_total, plan.bytes_owned
     return LoadResult(tensors=tensors, plan=plan, stats=stats)
 
 
@@ -374,7 +395,11 @@ class _Bar:
         self._progress.stop()
 
 
-def _progress(total: int, wanted: bool | None) -> _Bar | None:
+def _wants_progress(wanted: bool | None, total: int) -> bool:
     if wanted is None:
-        wanted = sys.stderr.isatty() and total >= _PROGRESS_MIN_BYTES
-    return _Bar(total) if wanted else None
+        return sys.stderr.isatty() and total >= _PROGRESS_MIN_BYTES
+    return wanted
+
+
+def _progress(total: int, wanted: bool | None) -> _Bar | None:
+    return _Bar(total) if _wants_progress(wanted, total) else None

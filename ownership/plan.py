@@ -26,7 +26,7 @@ from ownership.errors import DecisionError
 from ownership.gcpause import paused_gc
 from ownership.selection import Selection, selection_shape
 
-__all__ = ["EntryLike", "KeyEntry", "MeshPlan", "Plan", "build_mesh_plan", "build_plan"]
+__all__ = ["EntryLike", "KeyEntry", "MeshPlan", "Plan", "PlanBuilder", "build_mesh_plan", "build_plan"]
 
 
 class EntryLike(Protocol):
@@ -124,26 +124,63 @@ class MeshPlan:
 
 def build_plan(bound: BoundRuleset, entries: Iterable[EntryLike], *, rank: int) -> Plan:
     """Decide every entry for one rank; two owned keys with one local name are an error."""
-    rules = bound.for_rank(rank)
-    entry_list = list(entries)
-    owned: list[Decision] = []
-    index: list[int] = []
+    builder = PlanBuilder(bound, entries, rank=rank)
     with paused_gc():
-        for i, entry in enumerate(entry_list):
-            decision = rules.decide(entry.key, entry.shape)
+        for _ in builder.owned_entries():
+            pass
+    return builder.plan()
+
+
+class PlanBuilder:
+    """One rank's plan, decided entry by entry: a loader can read the first owned keys while later ones are
+    still being decided (`owned_entries`), then take the finished `plan()`.
+
+    Example:
+        >>> from ownership import load_ruleset
+        >>> bound = load_ruleset("vllm-ep-lora").bind(mesh="ep=2", params={"num_experts": 4})
+        >>> builder = PlanBuilder(bound, entries_from_keys(["m.experts.0.w", "m.experts.3.w"]), rank=1)
+        >>> [entry.key for entry, _ in builder.owned_entries()]
+        ['m.experts.3.w']
+        >>> builder.plan().index
+        [1]
+    """
+
+    def __init__(self, bound: BoundRuleset, entries: Iterable[EntryLike], *, rank: int) -> None:
+        self.bound = bound
+        self.rank = rank
+        self.rules = bound.for_rank(rank)
+        self.entries = list(entries)
+        self.owned: list[Decision] = []
+        self.index: list[int] = []
+        self._next = 0
+
+    def owned_entries(self) -> Iterator[tuple[EntryLike, Decision]]:
+        """Decide the entries not yet decided, in checkpoint order, yielding the owned ones as they are decided."""
+        decide, owned, index, entries = self.rules.decide, self.owned, self.index, self.entries
+        while self._next < len(entries):
+            i = self._next
+            self._next += 1
+            entry = entries[i]
+            decision = decide(entry.key, entry.shape)
             if decision.owned:
                 owned.append(decision)
                 index.append(i)
-    _check_local_names(owned, rank)
-    return Plan(
-        rank=rank,
-        coords=rules.coords,
-        entries=entry_list,
-        owned=owned,
-        index=index,
-        ruleset=bound.program.spec.name,
-        params=bound.params,
-    )
+                yield entry, decision
+
+    def plan(self) -> Plan:
+        """The plan, deciding whatever `owned_entries` has not; checks that local names are unique."""
+        for _ in self.owned_entries():
+            pass
+        _check_local_names(self.owned, self.rank)
+        return Plan(
+            rank=self.rank,
+            coords=self.rules.coords,
+            entries=self.entries,
+            owned=self.owned,
+            index=self.index,
+            ruleset=self.bound.program.spec.name,
+            params=self.bound.params,
+        )
 
 
 def build_mesh_plan(bound: BoundRuleset, entries: Iterable[EntryLike]) -> MeshPlan:

@@ -299,3 +299,27 @@ def test_family_lints_clean(family: str, kind: str) -> None:
         report = lint(name, FIXTURES / family / kind, mesh=mesh, params=params)
         assert [str(f) for f in report.findings if f.level != "info"] == [], mesh
         assert report.exit_code == 0
+
+
+def test_fully_sharded_lora_lints_clean_and_reconstructs() -> None:
+    """vLLM's fully sharded LoRA splits column lora_A on r (gathered at run time) and row lora_B on out."""
+    config = base_config("llama")
+    ruleset = load_ruleset("llama")
+    params = ruleset.resolve_params({"fully_sharded_lora": True}, config=config)
+    folder = FIXTURES / "llama" / "lora"
+    report = lint("llama", folder, mesh="pp=2,tp=4", params=params)
+    assert [str(f) for f in report.findings if f.level != "info"] == []
+    mesh = Mesh.parse("pp=2,tp=4")
+    joined = Assembler()
+    for rank in range(mesh.num_ranks):
+        result = load(ruleset, folder, mesh=mesh, rank=rank, params=params)
+        for entry, decision in result.plan.owned_entries():
+            if entry.key.endswith("q_proj.lora_A.weight"):
+                assert decision.selection == (
+                    ((mesh.coords(rank)["tp"], mesh.coords(rank)["tp"] + 1, 1),),
+                    None,
+                )
+            tensor = result.tensors[decision.local_key or decision.key]
+            joined.add(entry.key, tuple(entry.shape or ()), tensor, decision.selection, source=f"rank {rank}")
+    expected = original(folder)
+    assert all(torch.equal(joined.result()[k], v) for k, v in expected.items())

@@ -372,12 +372,15 @@ def _pair_problem(a: _PairSide, b: _PairSide) -> str | None:
         for rank in a.selections:
             r_a = selection_shape(a.selections[rank], a.shape)[0]
             r_b = selection_shape(b.selections[rank], b.shape)[1]
-            if r_a != r_b:
+            # A pair that shares no index with its other factor (no expert folded into r) may split r on one
+            # side only: vLLM's fully sharded LoRA gathers it at run time.
+            gathered = not (set(a.ids) & set(b.ids)) and (r_a == a.shape[0] or r_b == b.shape[1])
+            if r_a != r_b and not gathered:
                 return f"on rank {rank} lora_A keeps {r_a} of its r rows but lora_B {r_b} of its r columns"
             sel_a, sel_b = a.selections[rank], b.selections[rank]
             rows_a = list(dim_indices(None if sel_a is None else sel_a[0], a.shape[0]))
             cols_b = list(dim_indices(None if sel_b is None else sel_b[1], b.shape[1]))
-            if not a.ids and rows_a != cols_b and len(rows_a) != a.shape[0]:
+            if not (set(a.ids) & set(b.ids)) and rows_a != cols_b and not gathered:
                 return (
                     f"on rank {rank} lora_A keeps r rows {rows_a[:4]}... but lora_B r columns {cols_b[:4]}..."
                 )
