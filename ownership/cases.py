@@ -447,6 +447,8 @@ class CaseReport:
     source: str
     per_rule: dict[str, RuleCount] = field(default_factory=dict)
     failures: list[CaseFailure] = field(default_factory=list)
+    inherited: frozenset[str] = frozenset()
+    """Rules the ruleset takes unchanged from one it extends: their own ruleset's cases check them."""
 
     @property
     def num_passed(self) -> int:
@@ -463,7 +465,11 @@ class CaseReport:
     @property
     def unexercised(self) -> list[str]:
         """Rules of the ruleset that no check names or reaches."""
-        return [rule for rule, count in self.per_rule.items() if count == (0, 0) and rule != DEFAULT_RULE]
+        return [
+            rule
+            for rule, count in self.per_rule.items()
+            if count == (0, 0) and rule != DEFAULT_RULE and rule not in self.inherited
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -494,8 +500,12 @@ def run_cases(ruleset: Ruleset, cases: CaseFile, *, source: str | None = None) -
     source = source or cases.source
     rule_ids = [rule.id for rule in ruleset.spec.rules]
     _check_names(ruleset, cases, rule_ids, source)
+    inherited = frozenset(rule_ids) - ruleset.own_rules if ruleset.extends else frozenset()
     report = CaseReport(
-        ruleset=ruleset.name, source=source, per_rule={rule: RuleCount() for rule in rule_ids}
+        ruleset=ruleset.name,
+        source=source,
+        per_rule={rule: RuleCount() for rule in rule_ids},
+        inherited=inherited,
     )
     for case in cases.cases:
         try:
@@ -701,7 +711,11 @@ def print_report(report: CaseReport) -> None:
     """The text report: a table of checks per rule, each failure on its own lines, then a summary line."""
     print_table(
         ["rule", "passed", "failed"],
-        [[rule, str(count.passed), str(count.failed)] for rule, count in report.per_rule.items()],
+        [
+            [rule, str(count.passed), str(count.failed)]
+            for rule, count in report.per_rule.items()
+            if count != (0, 0) or rule not in report.inherited
+        ],
         align_right={1, 2},
     )
     for failure in report.failures:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ownership.builtin import builtin_names
+from ownership.cases import add_test_command
 from ownership.decision import DEFAULT_RULE, Decision
 from ownership.errors import OwnershipError
 from ownership.params import coerce_param
@@ -114,11 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     lint.add_argument("--format", choices=("text", "json", "sarif"), default="text")
     lint.set_defaults(handler=_lint)
 
-    test = commands.add_parser("test", help="run a ruleset's annotated cases (exit 1 on failures)")
-    test.add_argument("ruleset", help="built-in ruleset name or rule file path")
-    test.add_argument("--cases", type=Path, help="case file (default: NAME.cases.toml beside the rule file)")
-    test.add_argument("--format", choices=("table", "json"), default="table")
-    test.set_defaults(handler=_test)
+    add_test_command(commands)
 
     schema = commands.add_parser("schema", help="print the JSON Schema of rule files")
     schema.set_defaults(handler=_schema)
@@ -486,30 +483,6 @@ def _lint(args: argparse.Namespace) -> int:
     else:
         print(to_text(report))
     return report.exit_code
-
-
-def _test(args: argparse.Namespace) -> int:
-    from ownership.cases import case_file_for, load_cases, run_cases
-
-    ruleset = load_ruleset(args.ruleset)
-    path = args.cases or case_file_for(ruleset)
-    if not path.is_file():
-        raise OwnershipError(
-            "no case file", source=str(path), fix="write one (docs/cases.md) or pass --cases FILE"
-        )
-    report = run_cases(ruleset, load_cases(path), source=str(path))
-    if args.format == "json":
-        print_json({"cases": str(path), "per_rule": report.per_rule, "failures": report.failures})
-    else:
-        print_table(
-            ["rule", "passed", "failed"],
-            [[rule, str(ok), str(bad)] for rule, (ok, bad) in sorted(report.per_rule.items())],
-            align_right={1, 2},
-        )
-        for failure in report.failures:
-            print(f"FAILED {failure}")
-        print(f"{path}: {sum(ok for ok, _ in report.per_rule.values())} passed, {report.num_failed} failed")
-    return 1 if report.num_failed else 0
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -334,13 +334,15 @@ class BoundRule:
             problem = strategy.problem()
             if problem is not None:
                 raise DecisionError(
-                    f"cannot shard {dim.name!r} over {dim.axis}={num_coords}: {problem}",
+                    f"cannot shard {dim.name!r} over {dim.axis}={num_coords}: {problem.found}",
                     source=self.source,
                     key=key,
                     rule=self.id,
                     found=f"{dim.name} of size {num_ids}",
-                    expected=f"a multiple of {num_coords}",
-                    fix=f"set uneven = true on place.{dim.name} to allow an uneven split, or change the mesh",
+                    expected=problem.expected,
+                    fix=f"set uneven = true on place.{dim.name} to allow an uneven split, or change the mesh"
+                    if problem.uneven_helps
+                    else f"change the size of {dim.axis!r} in the mesh",
                     code="shard-does-not-divide",
                 )
         return strategy

@@ -81,7 +81,12 @@ def resolve_params(
         if value is None:
             used_by = (users or {}).get(name, [])
             where = f" (used by rule {', '.join(repr(r) for r in used_by)})" if used_by else ""
-            from_config = f", or a config.json with one of: {', '.join(spec.config)}" if spec.config else ""
+            from_config = (
+                f", or a config.json with one of: {', '.join(spec.config)} (an adapter's comes from its base "
+                "model: --config)"
+                if spec.config
+                else ""
+            )
             raise RulesetError(
                 f"missing param {name!r}{where}",
                 source=source,

@@ -26,6 +26,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
     "Layers",
@@ -33,6 +34,7 @@ __all__ = [
     "Part",
     "RoundRobin",
     "Shard",
+    "ShardProblem",
     "Strategy",
     "Table",
     "VllmContiguous",
@@ -204,20 +206,45 @@ class Shard(Strategy):
         start = linear_start(part.size, num, coord)
         return range(offset + start, offset + start + linear_count(part.size, num, coord))
 
-    def problem(self) -> str | None:
+    def problem(self) -> ShardProblem | None:
         """Why this split is not allowed, or None: sizes must divide unless `uneven` is set."""
         num = self.num_coords
         for part in self._parts():
             if part.heads is not None:
                 if part.size % part.heads:
-                    return f"part of size {part.size} is not a multiple of its {part.heads} heads"
+                    return ShardProblem(
+                        f"part of size {part.size} is not a multiple of its {part.heads} heads",
+                        f"a multiple of {part.heads}",
+                        uneven_helps=False,
+                    )
                 if part.heads < num and num % part.heads:
-                    return f"{num} coordinates cannot replicate {part.heads} heads evenly"
+                    return ShardProblem(
+                        f"{num} coordinates cannot replicate {part.heads} heads evenly",
+                        f"{num} coordinates a multiple of the {part.heads} heads (each head on the same number "
+                        f"of coordinates), or a divisor of them",
+                        uneven_helps=False,
+                    )
                 if part.heads >= num and part.heads % num and not self.uneven:
-                    return f"{part.heads} heads do not divide over {num} coordinates"
+                    return ShardProblem(
+                        f"{part.heads} heads do not divide over {num} coordinates",
+                        f"a multiple of {num} heads",
+                        uneven_helps=True,
+                    )
             elif part.size % num and not self.uneven:
-                return f"size {part.size} does not divide over {num} coordinates"
+                return ShardProblem(
+                    f"size {part.size} does not divide over {num} coordinates",
+                    f"a multiple of {num}",
+                    uneven_helps=True,
+                )
         return None
+
+
+class ShardProblem(NamedTuple):
+    """Why a shard is refused: the finding, what would be allowed, and whether `uneven = true` would allow it."""
+
+    found: str
+    expected: str
+    uneven_helps: bool
 
 
 def make_strategy(

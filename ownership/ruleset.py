@@ -62,6 +62,8 @@ class Ruleset:
     program: Program
     extends: tuple[str, ...] = ()
     """The sources of the rulesets it extends, nearest first."""
+    own_rules: frozenset[str] = frozenset()
+    """Ids of the rules its own file writes (new or overriding); the others are inherited."""
     _bound: dict[str, BoundRuleset] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -69,8 +71,11 @@ class Ruleset:
         cls, spec: RulesetSpec, *, source: str = "<string>", base_dir: str | os.PathLike[str] = "."
     ) -> Ruleset:
         """Check a parsed spec; an `extends` path is looked up relative to `base_dir`."""
+        own = frozenset(rule.id for rule in spec.rules)
         spec, chain = resolve_spec(spec, source=source, base_dir=base_dir)
-        return cls(spec=spec, source=source, program=analyze(spec, source=source), extends=chain)
+        return cls(
+            spec=spec, source=source, program=analyze(spec, source=source), extends=chain, own_rules=own
+        )
 
     @classmethod
     def from_text(cls, text: str, *, source: str = "<string>") -> Ruleset:

@@ -193,3 +193,12 @@ def test_rules_list_shows_families_axes_and_what_each_extends(capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "# extends transformers-moe.toml (built-in) < llama.toml (built-in)" in out
     assert "gpt-oss-gate-up              overrides 'fused-gate-up'" in out
+
+
+def test_no_model_type_is_served_by_two_builtin_rulesets() -> None:
+    seen: dict[str, str] = {}
+    for name in builtin_names():
+        for family in load_ruleset(name).spec.families:
+            assert family not in seen, f"{family!r} is listed by {seen.get(family)} and {name}"
+            seen[family] = name
+    assert seen == families()

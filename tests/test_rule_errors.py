@@ -90,7 +90,8 @@ def test_missing_param_names_the_rules_and_config_keys() -> None:
         "missing param 'num_experts' (used by rule 'routed-expert', 'fused-expert-lora-a', 'fused-expert-lora-b'): "
         "expected routed experts per MoE layer (the global count). Fix: pass --param num_experts=VALUE "
         "(params={'num_experts': ...} in Python), or a config.json with one of: num_experts, num_local_experts, "
-        "n_routed_experts, moe_num_experts, ffn_config.moe_num_experts"
+        "n_routed_experts, moe_num_experts, ffn_config.moe_num_experts (an adapter's comes from its base model: "
+        "--config)"
     )
     assert message.startswith("vllm-ep-lora.toml (built-in): missing param")
 
@@ -143,3 +144,17 @@ def test_other_rule_file_errors(text: str, message: str) -> None:
 
 def test_every_error_is_an_ownership_error() -> None:
     assert issubclass(RulesetError, OwnershipError)
+
+
+def test_kv_heads_that_cannot_be_replicated_evenly_say_to_change_the_mesh() -> None:
+    bound = load_ruleset("llama").bind(
+        mesh="tp=3", params={"num_layers": 2, "num_heads": 6, "num_kv_heads": 2}
+    )
+    with pytest.raises(OwnershipError) as info:
+        bound.owners("model.layers.0.self_attn.k_proj.weight", (16, 32))
+    assert str(info.value) == (
+        "llama.toml (built-in): rule 'attention-kv': key 'model.layers.0.self_attn.k_proj.weight': cannot shard "
+        "'kv_heads' over tp=3: 3 coordinates cannot replicate 2 heads evenly: found kv_heads of size 2, expected 3 "
+        "coordinates a multiple of the 2 heads (each head on the same number of coordinates), or a divisor of "
+        "them. Fix: change the size of 'tp' in the mesh"
+    )

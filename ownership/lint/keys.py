@@ -234,7 +234,8 @@ def _report_rules(state: _Pass, entries: Sequence[EntryLike]) -> None:
             "dead-rule",
             f"no key matches any layout variant ({', '.join(sorted(variants))})",
             rule=", ".join(r for ids in variants.values() for r in ids),
-            fix="check the patterns against the checkpoint's keys (`ownership plan --keys`), or use another ruleset",
+            fix="check the patterns against the checkpoint's keys (`ownership plan RULESET CHECKPOINT --all-ranks`), or use "
+            "another ruleset",
         )
     for rule in program.rules:
         if rule.id not in takers:
