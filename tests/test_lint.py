@@ -22,10 +22,14 @@ KEYS = [f"m.layers.0.mlp.experts.{e}.w1.lora_{ab}.weight" for e in range(4) for 
 
 
 def checks(
-    text: str, keys: list[object] | None = KEYS, mesh: str = "ep=2", **params: object
+    text: str,
+    keys: list[object] | None = KEYS,
+    mesh: str = "ep=2",
+    config: dict[str, object] | None = None,
+    **params: object,
 ) -> dict[str, str]:
     """check id -> the text of its first finding."""
-    report = lint("t", keys, mesh=mesh, params=params, text=text)
+    report = lint("t", keys, mesh=mesh, params=params, config=config, text=text)
     out: dict[str, str] = {}
     for finding in report.findings:
         out.setdefault(finding.check, finding.text())
@@ -36,6 +40,14 @@ def errors(text: str, keys: list[object] | None = KEYS, mesh: str = "ep=2", **pa
     report = lint("t", keys, mesh=mesh, params=params, text=text)
     return {f.check for f in report.findings if f.level == "error"}
 
+
+FUSED_A = """
+[[rule]]
+id = "fused-a"
+match = "**.experts.lora_A.weight"
+layout = "(expert r) in"
+place = { expert = { over = "ep", size = "num_experts" } }
+"""
 
 # (check id, a ruleset/keys that trigger it, its fixed twin, the expected text)
 CASES = [
@@ -204,6 +216,24 @@ CASES = [
         "'m.layers.0.mlp.experts.0.w1.lora_B.weight': 'm.layers.0.mlp.experts.0.w1.lora_A.weight' and "
         "'m.layers.0.mlp.experts.0.w1.lora_B.weight' both get the local name 'experts.0.w' on rank 0. Fix: make the "
         "rename keep what tells the keys apart (e.g. {layer})",
+    ),
+    (
+        "lora-rank",
+        dict(
+            text=HEAD + FUSED_A,
+            keys=[("m.layers.0.mlp.experts.lora_A.weight", "F32", [24, 32])],
+            config={"r": 4, "rank_pattern": {"gate_up_proj": 8}},
+            num_experts=2,
+        ),
+        dict(
+            text=HEAD + FUSED_A,
+            keys=[("m.layers.0.mlp.experts.lora_A.weight", "F32", [24, 32])],
+            config={"r": 4, "rank_pattern": {"gate_up_proj": 8}},
+            num_experts=6,
+        ),
+        "error lora-rank: rule 'fused-a': key 'm.layers.0.mlp.experts.lora_A.weight': the layout gives r = 12, but "
+        "the adapter's ranks are [4, 8] (r and rank_pattern). Fix: check the param behind the factor folded with r "
+        "(e.g. num_experts) against the model, or the layout against the tensor",
     ),
     (
         "lora-pair",

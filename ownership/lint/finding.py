@@ -50,6 +50,11 @@ CHECKS: dict[str, tuple[Level, str]] = {
     "integrity": ("error", "elements owned by no rank, or by several where nothing declares replication"),
     "local-name-collision": ("error", "two keys get one local name on a rank"),
     "lora-pair": ("error", "a LoRA pair's lora_A and lora_B placed inconsistently"),
+    "lora-rank": (
+        "error",
+        "a layout's `r` resolves to a size that is not the adapter's rank (adapter_config.json `r` or a "
+        "`rank_pattern` value): the expert count folded with it, or the layout, is wrong",
+    ),
     "byte-balance": ("info", "bytes owned per rank: max against mean"),
 }
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,15 +71,29 @@ class _Pass:
     coverage_cache: dict[tuple[str, tuple[int, ...]], list[tuple[str, str, list[int]]]] = field(
         default_factory=dict
     )
+    ranks: frozenset[int] = frozenset()
+    rank_seen: set[tuple[str, tuple[int, ...]]] = field(default_factory=set)
+    bad_ranks: dict[tuple[str, int], list[str]] = field(default_factory=lambda: defaultdict(list))
 
 
-def check_keys(bound: BoundRuleset, entries: Sequence[EntryLike], report: LintReport) -> None:
-    """Run every key and whole-mesh check over `entries`, adding findings to `report`."""
+def check_keys(
+    bound: BoundRuleset,
+    entries: Sequence[EntryLike],
+    report: LintReport,
+    *,
+    config: Mapping[str, Any] | None = None,
+) -> None:
+    """Run every key and whole-mesh check over `entries`, adding findings to `report`.
+
+    `config` (adapter_config.json merged with config.json) gives the adapter's ranks for `lora-rank`.
+    """
     state = _Pass(bound=bound, report=report, bytes_per_rank=[0] * bound.mesh.num_ranks)
+    state.ranks = adapter_ranks(config)
     with paused_gc():
         for entry in entries:
             _visit(state, entry)
     _report_rules(state, entries)
+    _report_ranks(state)
     _report_keys(state)
     _report_pairs(state)
     _report_balance(state)
@@ -100,6 +114,13 @@ def _visit(state: _Pass, entry: EntryLike) -> None:
     state.decided[rule.id] += 1
     if rule.drop:
         return
+    if (
+        state.ranks
+        and entry.shape is not None
+        and rule.rule.layout is not None
+        and "r" in rule.rule.layout.names
+    ):
+        _check_rank(state, rule, entry)
     try:
         owned = _owned(state, rule, m, entry)
     except DecisionError as error:
@@ -386,6 +407,46 @@ def _pair_problem(a: _PairSide, b: _PairSide) -> str | None:
                     f"on rank {rank} lora_A keeps r rows {rows_a[:4]}... but lora_B r columns {cols_b[:4]}..."
                 )
     return None
+
+
+def adapter_ranks(config: Mapping[str, Any] | None) -> frozenset[int]:
+    """The LoRA ranks an adapter's config allows: `r` and every `rank_pattern` value (empty: not an adapter)."""
+    if not config or type(config.get("r")) is not int:
+        return frozenset()
+    pattern = config.get("rank_pattern")
+    extra = [v for v in pattern.values() if type(v) is int] if isinstance(pattern, Mapping) else []
+    return frozenset([config["r"], *extra])
+
+
+def _check_rank(state: _Pass, rule: BoundRule, entry: EntryLike) -> None:
+    assert entry.shape is not None and rule.rule.layout is not None
+    shape = tuple(entry.shape)
+    cache_key = (rule.id, shape)
+    if cache_key in state.rank_seen:
+        return
+    state.rank_seen.add(cache_key)
+    layout = rule.rule.layout
+    try:
+        sizes = layout.resolve(shape, known=rule.known_sizes, key=entry.key, rule=rule.id, source=rule.source)
+    except DecisionError:
+        return  # a layout that does not fit is reported by its own check
+    d, f = layout.where("r")
+    if sizes[d][f] not in state.ranks:
+        state.bad_ranks[(rule.id, sizes[d][f])].append(entry.key)
+
+
+def _report_ranks(state: _Pass) -> None:
+    allowed = sorted(state.ranks)
+    for (rule, found), keys in state.bad_ranks.items():
+        state.report.add(
+            "lora-rank",
+            f"the layout gives r = {found}, but the adapter's ranks are {allowed} (r and rank_pattern)",
+            rule=rule,
+            keys=keys[:_EXAMPLES],
+            fix="check the param behind the factor folded with r (e.g. num_experts) against the model, or the "
+            "layout against the tensor",
+            data={"r": found, "ranks": allowed},
+        )
 
 
 def _report_balance(state: _Pass) -> None:

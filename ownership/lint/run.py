@@ -40,16 +40,19 @@ def lint(
     *,
     mesh: MeshLike,
     params: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     text: str | None = None,
 ) -> LintReport:
     """Lint a ruleset (name, path, parsed spec, or `text` of a rule file) against `source` and `mesh`.
 
     `source` is a checkpoint path, a list of keys or `(key, dtype, shape)`, entries, or None for the static
-    checks and binding alone.
+    checks and binding alone. `config` (a base model's config.json, say, for an adapter) is laid over the
+    checkpoint's own config for params and for the adapter's rank.
     """
     mesh_obj = to_mesh(mesh)
     name, where, spec, finding = _load(ruleset, text)
-    entries, config = _entries(source)
+    entries, own_config = _entries(source)
+    config = {**(own_config or {}), **(config or {})} if (own_config or config) else None
     report = LintReport(name, where, str(mesh_obj), None if entries is None else len(entries))
     if finding is not None or spec is None:
         if finding is not None:
@@ -67,7 +70,7 @@ def lint(
         )
         return report
     if entries is not None:
-        check_keys(bound, entries, report)
+        check_keys(bound, entries, report, config=config)
     return report
 
 
