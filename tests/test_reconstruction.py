@@ -12,7 +12,7 @@ from ownership.assemble import assemble, save_shard
 from ownership.formats import open_checkpoint
 from ownership.loader import load
 from ownership.placement import make_strategy
-from ownership.selection import dim_indices, selection_read_count
+from ownership.selection import dim_indices, selection_read_bytes, selection_read_count
 from tests.conftest import FIXTURES
 
 CHECKPOINTS = [
@@ -65,11 +65,21 @@ def test_every_rank_joined_is_the_original(tmp_path: Path, name: str, ep: int, s
                 assert experts == mine and len(indices) == r * len(mine)
             pieces.append((decision, entry.shape, tensor))
         shards.append(save_shard(tmp_path / f"rank{rank}.safetensors", pieces, info={"rank": rank}))
-        # Exactly the owned bytes, but whole rows where a column selection forces it (fused lora_B).
+        # Exactly the owned bytes, but spans of whole pages where a column selection forces it (fused lora_B's
+        # strided columns); never more than the selected rows whole.
         expected_read = sum(
-            selection_read_count(d.selection, e.shape) * e.itemsize for e, d in result.plan.owned_entries()
+            selection_read_bytes(d.selection, shape=e.shape, itemsize=e.itemsize)
+            for e, d in result.plan.owned_entries()
         )
         assert result.stats.bytes_read == expected_read
+        assert (
+            result.stats.bytes_owned
+            <= expected_read
+            <= sum(
+                selection_read_count(d.selection, e.shape) * e.itemsize
+                for e, d in result.plan.owned_entries()
+            )
+        )
         assert result.stats.bytes_read <= result.stats.bytes_total
     joined = assemble(shards)
     expected = original(folder)

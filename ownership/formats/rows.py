@@ -1,9 +1,24 @@
 """Reading a selection of a row-major tensor stored at a known file offset, with `preadv` into tensor memory.
 
-The first dim's runs are read run by run: a contiguous run is one `preadv` straight into the new tensor's
-buffer, a run with a step reads row by row. When other dims are selected too, the rows a run spans are read in
-blocks of at most 4 MiB and only the owned elements are kept, so staging stays bounded whatever the tensor's
-size. Every byte pulled from storage is counted in the shared `ReadStats`.
+A selection of the first dim alone reads exactly the owned rows: a contiguous run is one `preadv` straight into
+the new tensor's buffer, a run with a step one `preadv` per row. When other dims are selected too (a tp rank's
+columns of o_proj/down_proj, an expert's strided columns of PEFT's fused lora_B), only the byte spans of each
+row that hold owned elements are read, as `ownership.selection.row_reads` plans them:
+
+- a row's owned bytes are merged into spans wherever two are less than a page (4 KiB) apart: storage reads
+  whole pages, so a gap shorter than a page holds no page that could be skipped, and reading it saves a read
+  call; a strided selection over a short row (columns `0:24:6`) is one span. Consecutive rows' spans are merged
+  the same way, and consecutive rows shorter than two pages are read as one block (from the first owned byte
+  to the last), as a read call per row would skip at most a page. Rows that a strided run of the first dim
+  skips are never read, so the selected rows whole bound what is read;
+- where a row's owned elements are one span in stored order (a column range) and rows are not merged, each
+  row's span is one `preadv` straight into the result: `[64, 8192]` float32 keeping columns `0:1024` reads 64 spans of 4 KiB, 262,144
+  bytes, where whole rows would be 2,097,152;
+- other rows are staged at most 4 MiB at a time (a thread's staging buffer, reused) and the owned elements
+  copied out; rows over 4 MiB are read the same way one dim down, so no staging exceeds 4 MiB.
+
+Every byte pulled from storage is counted in the shared `ReadStats`, and `selection_read_bytes` gives the same
+count from the selection alone.
 
 Example:
     >>> import tempfile, torch
@@ -14,6 +29,8 @@ Example:
     >>> reader = RowReader(path, stats=ReadStats(), display="raw")
     >>> reader.read(0, torch.int32, (4, 3), (((1, 4, 2),), ((0, 1, 1),))).tolist()
     [[3], [9]]
+    >>> reader.stats.bytes_read
+    8
     >>> reader.close()
 """
 
@@ -30,23 +47,34 @@ import torch
 from ownership.errors import CheckpointError
 from ownership.formats.entry import ReadStats
 from ownership.formats.take import take_dims
-from ownership.selection import Run, Selection, selection_shape
+from ownership.selection import BLOCK_BYTES, PAGE_BYTES, Selection, Span, row_reads, selection_shape
 
 __all__ = ["RowReader"]
 
-# Rows read at once when dims after the first are selected: bounds staging memory whatever the tensor's size.
-_BLOCK_BYTES = 4 * 2**20
-
 
 class RowReader:
-    """Reads row-major tensors out of one file; opens it on the first read."""
+    """Reads row-major tensors out of one file; opens it on the first read.
 
-    def __init__(self, path: Path, *, stats: ReadStats, display: str) -> None:
+    `page` and `block` are the gap below which owned spans are read together and the staging bound (see
+    `ownership.selection.row_reads`).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        stats: ReadStats,
+        display: str,
+        page: int = PAGE_BYTES,
+        block: int = BLOCK_BYTES,
+    ) -> None:
         self.path = path
         self.stats = stats
         self.display = display
+        self.page = page
+        self.block = block
         self._handle: BinaryIO | None = None
-        # Readers may run on several threads: opening the file and the byte count are shared.
+        # Readers may run on several threads: opening the file and the byte count are shared, staging is not.
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -74,59 +102,57 @@ class RowReader:
     ) -> torch.Tensor:
         """The selected elements of the tensor of `shape` whose bytes start at `offset`."""
         if not shape:
-            return self._rows(offset, 1, dtype, ()).reshape(())
-        row_shape = shape[1:]
-        row_bytes = _itemsize(dtype) * prod(row_shape)
-        if selection is None:
-            return self._rows(offset, shape[0], dtype, row_shape)
-        rows = selection[0]
-        inner = any(d is not None for d in selection[1:])
-        if not inner and rows is not None and len(rows) == 1 and rows[0][2] == 1:
-            start, stop, _ = rows[0]
-            return self._rows(offset + start * row_bytes, stop - start, dtype, row_shape)
-        # The result is allocated once; owned rows land in it directly, or through a reused staging block
-        # when a run has a step or other dims are selected.
+            out = torch.empty((1,), dtype=dtype)
+            self._count(
+                self._spans(_bytes_of(out), offset=offset, spans=((0, out.element_size()),), packed=True)
+            )
+            return out.reshape(())
+        # The result is allocated once; owned bytes land in it directly, or through this thread's staging.
         out = torch.empty(selection_shape(selection, shape), dtype=dtype)
-        whole: tuple[Run, ...] = ((0, shape[0], 1),)
-        position = 0
-        for start, stop, step in whole if rows is None else rows:
-            if step == 1 and not inner:
-                count = stop - start
-                self._fill(out[position : position + count], offset + start * row_bytes)
-                position += count
-                continue
-            block = max(1, _BLOCK_BYTES // max(row_bytes, 1)) if step == 1 else 1
-            for first in range(start, stop, step * block):
-                count = min(block, len(range(first, stop, step)))
-                staged = self._staged(offset + first * row_bytes, count, dtype, row_shape)
-                part = take_dims(staged, selection, first=1) if inner else staged
-                out[position : position + count].copy_(part)
-                position += count
+        itemsize = out.element_size()
+        for step in row_reads(selection, shape=shape, itemsize=itemsize, page=self.page, block=self.block):
+            level = out
+            for index in step.at:
+                level = level[index]
+            target = level[step.rows[0] : step.rows[1]]
+            if step.copy_from is not None:
+                target.copy_(level[step.copy_from : step.copy_from + 1])
+            elif step.staged is None:
+                self._count(
+                    self._spans(_bytes_of(target), offset=offset + step.offset, spans=step.spans, packed=True)
+                )
+            else:
+                window, within = step.staged
+                staging = self._staging(prod(window) * itemsize)
+                view = memoryview(staging.numpy())  # type: ignore[arg-type]
+                self._count(self._spans(view, offset=offset + step.offset, spans=step.spans, packed=False))
+                target.copy_(take_dims(staging.view(dtype).view(window), within))
         return out
 
-    def _fill(self, target: torch.Tensor, offset: int) -> None:
-        """preadv straight into a contiguous tensor's memory."""
-        nbytes = target.numel() * target.element_size()
-        if nbytes:
-            self._pread(memoryview(target.view(torch.uint8).reshape(-1).numpy()), offset)  # type: ignore[arg-type]
-
-    def _staged(
-        self, offset: int, count: int, dtype: torch.dtype, row_shape: tuple[int, ...]
-    ) -> torch.Tensor:
-        """Rows read into this thread's staging buffer, valid until its next read."""
-        nbytes = count * prod(row_shape) * _itemsize(dtype)
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        """The first `nbytes` of this thread's staging buffer, valid until its next read."""
         buffer: torch.Tensor | None = getattr(self._local, "staging", None)
         if buffer is None or buffer.numel() < nbytes:
-            buffer = self._local.staging = torch.empty(max(nbytes, _BLOCK_BYTES), dtype=torch.uint8)
-        view = buffer[:nbytes]
-        if nbytes:
-            self._pread(memoryview(view.numpy()), offset)  # type: ignore[arg-type]
-        return view.view(dtype).view(count, *row_shape)
+            buffer = self._local.staging = torch.empty(max(nbytes, self.block), dtype=torch.uint8)
+        return buffer[:nbytes]
 
-    def _pread(self, view: memoryview, offset: int) -> None:
+    def _spans(self, view: memoryview, *, offset: int, spans: tuple[Span, ...], packed: bool) -> int:
+        """Read each span `[lo, hi)` after `offset` into `view`: back to back if `packed`, else at `lo`."""
+        fd, preadv = self._fd(), os.preadv
+        position = 0
+        for lo, hi in spans:
+            size = hi - lo
+            at = position if packed else lo
+            part = view[at : at + size]
+            got = preadv(fd, [part], offset + lo)
+            if got != size:
+                self._pread(part, fd=fd, offset=offset + lo, done=got)
+            position += size
+        return position
+
+    def _pread(self, view: memoryview, *, fd: int, offset: int, done: int = 0) -> None:
+        """Fill `view` from `offset`, its first `done` bytes already read."""
         nbytes = len(view)
-        fd = self._fd()
-        done = 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], offset + done)
             if got <= 0:
@@ -138,20 +164,12 @@ class RowReader:
                     fix="re-download or re-save the file",
                 )
             done += got
+
+    def _count(self, nbytes: int) -> None:
         with self._lock:
             self.stats.bytes_read += nbytes
 
-    def _rows(self, offset: int, count: int, dtype: torch.dtype, row_shape: tuple[int, ...]) -> torch.Tensor:
-        out = torch.empty((count, *row_shape), dtype=dtype)
-        self._fill(out, offset)
-        return out
 
-
-_ITEMSIZE: dict[torch.dtype, int] = {}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-        size = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-    return size
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous tensor, as bytes."""
+    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
