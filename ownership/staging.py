@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ownership.errors import CheckpointError
+from ownership.formats.rows import read_fully
 
 __all__ = [
     "BUFFER_BYTES",
@@ -316,15 +315,4 @@ class FileRuns:
         self.on_read(size)
 
     def _pread(self, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(
-                    "file ends inside a tensor",
-                    source=self.display,
-                    found=f"end of file after {done} of {len(view)} bytes at offset {offset}",
-                    expected="the whole tensor",
-                    fix="re-download or re-save the file",
-                )
-            done += got
+        read_fully(self.fd, view, offset, display=self.display)

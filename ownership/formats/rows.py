@@ -49,7 +49,7 @@ from ownership.formats.entry import ReadStats
 from ownership.formats.take import take_dims
 from ownership.selection import BLOCK_BYTES, PAGE_BYTES, Selection, Span, row_reads, selection_shape
 
-__all__ = ["RowReader"]
+__all__ = ["RowReader", "read_fully"]
 
 
 class RowReader:
@@ -151,19 +151,7 @@ class RowReader:
         return position
 
     def _pread(self, view: memoryview, *, fd: int, offset: int, done: int = 0) -> None:
-        """Fill `view` from `offset`, its first `done` bytes already read."""
-        nbytes = len(view)
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise CheckpointError(
-                    "file ends inside a tensor",
-                    source=self.display,
-                    found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
-                    expected="the whole tensor",
-                    fix="re-download or re-save the file",
-                )
-            done += got
+        read_fully(fd, view, offset, display=self.display, done=done)
 
     def _count(self, nbytes: int) -> None:
         with self._lock:
@@ -173,3 +161,20 @@ class RowReader:
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
     """The memory of a contiguous tensor, as bytes."""
     return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
+
+
+def read_fully(fd: int, view: memoryview, offset: int, *, display: str, done: int = 0) -> None:
+    """Fill `view` from the file at `offset` (its first `done` bytes already read); a short file is a
+    `CheckpointError` naming `display`."""
+    nbytes = len(view)
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CheckpointError(
+                "file ends inside a tensor",
+                source=display,
+                found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
+                expected="the whole tensor",
+                fix="re-download or re-save the file",
+            )
+        done += got
