@@ -110,6 +110,21 @@ class RowReader:
         # The result is allocated once; owned bytes land in it directly, or through this thread's staging.
         out = torch.empty(selection_shape(selection, shape), dtype=dtype)
         itemsize = out.element_size()
+        if selection is None or (
+            all(dim is None for dim in selection[1:]) and all(step == 1 for _, _, step in selection[0] or ())
+        ):
+            # Whole tensors and blocks of rows (most keys of most loads): one read per run, no plan to build.
+            row = itemsize * prod(shape[1:])
+            runs = ((0, shape[0], 1),) if selection is None or selection[0] is None else selection[0]
+            self._count(
+                self._spans(
+                    _bytes_of(out),
+                    offset=offset,
+                    spans=tuple((a * row, b * row) for a, b, _ in runs),
+                    packed=True,
+                )
+            )
+            return out
         for step in row_reads(selection, shape=shape, itemsize=itemsize, page=self.page, block=self.block):
             level = out
             for index in step.at:
