@@ -45,7 +45,7 @@ from ownership.formats import Checkpoint, open_checkpoint
 from ownership.formats.entry import check_selection, torch_dtype
 from ownership.gcpause import paused_gc
 from ownership.plan import EntryLike, Plan, PlanBuilder, entry_nbytes
-from ownership.ruleset import MeshLike, Ruleset
+from ownership.ruleset import MeshLike, Ruleset, merge_configs
 from ownership.selection import Selection, selection_shape
 from ownership.sharding import ShardSpec
 from ownership.staging import CudaTransfer, FileRuns, Fill, StagingRing, host_fill
@@ -346,16 +346,18 @@ def load(
     mesh: MeshLike,
     rank: int,
     params: Mapping[str, Any] | None = None,
+    config: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool | None = None,
 ) -> LoadResult:
     """Plan `rank`'s share of `checkpoint` from its headers and read exactly that.
 
-    Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys.
+    Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys, with
+    `config` (for an adapter, its base model's config.json) laid over it.
     """
     with open_checkpoint(checkpoint) as source:
-        bound = ruleset.bind(mesh=mesh, params=params, config=source.config)
+        bound = ruleset.bind(mesh=mesh, params=params, config=merge_configs(source.config, config))
         builder = PlanBuilder(bound, source.entries(), rank=rank)
         stats = LoadStats()
         if progress or (progress is None and sys.stderr.isatty()):

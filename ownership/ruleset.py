@@ -32,6 +32,7 @@ __all__ = [
     "Source",
     "detect_ruleset",
     "load_ruleset",
+    "merge_configs",
     "resolve_spec",
     "rule_file",
     "to_mesh",
@@ -142,17 +143,26 @@ class Ruleset:
         mesh: MeshLike,
         rank: int | None = None,
         params: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> Plan | MeshPlan:
         """Decide every entry of `source` for `rank`, or for every rank when `rank` is None.
 
         `source` is a checkpoint path (file or folder; params such as `num_experts` are then also read from its
-        config.json), a list of keys, a list of `(key, dtype, shape)`, or entries.
+        config.json), a list of keys, a list of `(key, dtype, shape)`, or entries. `config` (for an adapter, its
+        base model's config.json) is laid over the checkpoint's own.
         """
-        entries, config = _entries(source)
-        bound = self.bind(mesh=mesh, params=params, config=config)
+        entries, own_config = _entries(source)
+        bound = self.bind(mesh=mesh, params=params, config=merge_configs(own_config, config))
         if rank is None:
             return build_mesh_plan(bound, entries)
         return build_plan(bound, entries, rank=rank)
+
+
+def merge_configs(own: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A checkpoint's own config with a given one laid over it (None when neither exists)."""
+    if own is None and given is None:
+        return None
+    return {**(own or {}), **(given or {})}
 
 
 def _entries(source: Any) -> tuple[list[EntryLike], Mapping[str, Any] | None]:

@@ -12,6 +12,7 @@ from ownership.builtin import builtin_names, families
 from ownership.cli import main
 from ownership.formats import open_checkpoint
 from ownership.lint import lint
+from ownership.plan import Plan
 from ownership.ruleset import Ruleset, detect_ruleset
 from tests.conftest import FIXTURES
 
@@ -202,3 +203,19 @@ def test_no_model_type_is_served_by_two_builtin_rulesets() -> None:
             assert family not in seen, f"{family!r} is listed by {seen.get(family)} and {name}"
             seen[family] = name
     assert seen == families()
+
+
+def test_python_api_takes_an_adapters_base_config() -> None:
+    from ownership.loader import load
+
+    adapter = FIXTURES / "qwen3_moe" / "lora_fused"
+    config = json.loads((FIXTURES / "qwen3_moe" / "base" / "config.json").read_text())
+    ruleset = load_ruleset("qwen3_moe")
+    plan = ruleset.plan(adapter, mesh="ep=2,tp=2", rank=3, config=config)
+    result = load(ruleset, adapter, mesh="ep=2,tp=2", rank=3, config=config)
+    assert isinstance(plan, Plan) and plan.params["num_experts"] == 6
+    assert [d.key for d in result.plan.owned] == [d.key for d in plan.owned]
+    report = lint("transformers-moe", adapter, mesh="ep=2,tp=2", config=config)
+    assert report.exit_code == 0
+    with pytest.raises(RulesetError, match="missing param"):
+        ruleset.plan(adapter, mesh="ep=2", rank=0)

@@ -23,7 +23,7 @@ from ownership.lint.finding import Finding, LintReport
 from ownership.lint.keys import check_keys
 from ownership.lint.static import static_findings
 from ownership.plan import EntryLike, entries_from_keys
-from ownership.ruleset import MeshLike, Ruleset, resolve_spec, rule_file, to_mesh
+from ownership.ruleset import MeshLike, Ruleset, merge_configs, resolve_spec, rule_file, to_mesh
 from ownership.spec import RulesetSpec, load_ruleset_spec, parse_ruleset
 
 __all__ = ["lint", "resolve_rule_file"]
@@ -52,7 +52,7 @@ def lint(
     mesh_obj = to_mesh(mesh)
     name, where, spec, finding = _load(ruleset, text)
     entries, own_config = _entries(source)
-    config = {**(own_config or {}), **(config or {})} if (own_config or config) else None
+    config = merge_configs(own_config, config)
     report = LintReport(name, where, str(mesh_obj), None if entries is None else len(entries))
     if finding is not None or spec is None:
         if finding is not None:
