@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from ownership.formats.entry import check_selection, torch_dtype
 from ownership.gcpause import paused_gc
 from ownership.plan import EntryLike, Plan, PlanBuilder, entry_nbytes
 from ownership.ruleset import MeshLike, Ruleset, merge_configs
-from ownership.selection import Selection, selection_shape
+from ownership.selection import Selection, row_byte_spans, selection_shape
 from ownership.sharding import ShardSpec
 from ownership.staging import CudaTransfer, FileRuns, Fill, StagingRing, host_fill
 
@@ -226,25 +225,13 @@ class _Files:
         name: str | None = getattr(entry, "file", None)
         if offset is None or name is None or entry.dtype is None or entry.shape is None:
             return None
-        shape = entry.shape
         if selection is not None and any(dim is not None for dim in selection[1:]):
             return None
         path = str(self.base / name)
-        check_selection(selection, shape, key=entry.key, source=path)
+        check_selection(selection, entry.shape, key=entry.key, source=path)
         dtype = torch_dtype(entry.dtype, key=entry.key, source=path)
-        row = dtype.itemsize * prod(shape[1:])
-        runs: list[tuple[int, int]] = []
-        if not shape:
-            _add_run(runs, offset, row)
-        elif selection is None or selection[0] is None:
-            _add_run(runs, offset, shape[0] * row)
-        else:
-            for start, stop, step in selection[0]:
-                if step == 1:
-                    _add_run(runs, offset + start * row, (stop - start) * row)
-                else:
-                    for index in range(start, stop, step):
-                        _add_run(runs, offset + index * row, row)
+        spans = row_byte_spans(selection, shape=entry.shape, itemsize=dtype.itemsize) or ()
+        runs = [(offset + lo, hi - lo) for lo, hi in spans]
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
@@ -265,15 +252,6 @@ class _Files:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-def _add_run(runs: list[tuple[int, int]], offset: int, length: int) -> None:
-    if length <= 0:
-        return
-    if runs and runs[-1][0] + runs[-1][1] == offset:
-        runs[-1] = (runs[-1][0], runs[-1][1] + length)
-    else:
-        runs.append((offset, length))
 
 
 def _prefetched(

@@ -36,6 +36,7 @@ __all__ = [
     "dim_indices",
     "dim_length",
     "normalize_selection",
+    "row_byte_spans",
     "row_reads",
     "run_length",
     "runs_from_indices",
@@ -110,6 +111,36 @@ def selection_read_count(selection: Selection, shape: Sequence[int]) -> int:
     for size in local:
         count *= size
     return count
+
+
+def row_byte_spans(selection: Selection, *, shape: Sequence[int], itemsize: int) -> tuple[Span, ...] | None:
+    """Byte spans `[lo, hi)` from the tensor's start, in stored order, for a selection that keeps whole rows
+    (the whole tensor, or runs of the first dim); adjacent spans are joined. None when it cuts later dims.
+
+    Example:
+        >>> row_byte_spans((((0, 2, 1), (2, 5, 2)), None), shape=(6, 3), itemsize=4)
+        ((0, 36), (48, 60))
+    """
+    if selection is not None and any(dim is not None for dim in selection[1:]):
+        return None
+    row = itemsize
+    for size in shape[1:]:
+        row *= size
+    if not shape:
+        return ((0, itemsize),)
+    if selection is None or selection[0] is None:
+        return ((0, shape[0] * row),)
+    spans: list[Span] = []
+    for start, stop, step in selection[0]:
+        rows = ((start, stop),) if step == 1 else ((index, index + 1) for index in range(start, stop, step))
+        for first, end in rows:
+            if end <= first:
+                continue
+            if spans and spans[-1][1] == first * row:
+                spans[-1] = (spans[-1][0], end * row)
+            else:
+                spans.append((first * row, end * row))
+    return tuple(spans)
 
 
 def selection_read_bytes(

@@ -47,7 +47,15 @@ import torch
 from ownership.errors import CheckpointError
 from ownership.formats.entry import ReadStats
 from ownership.formats.take import take_dims
-from ownership.selection import BLOCK_BYTES, PAGE_BYTES, Selection, Span, row_reads, selection_shape
+from ownership.selection import (
+    BLOCK_BYTES,
+    PAGE_BYTES,
+    Selection,
+    Span,
+    row_byte_spans,
+    row_reads,
+    selection_shape,
+)
 
 __all__ = ["RowReader", "read_fully"]
 
@@ -101,30 +109,15 @@ class RowReader:
         self, offset: int, dtype: torch.dtype, shape: tuple[int, ...], selection: Selection
     ) -> torch.Tensor:
         """The selected elements of the tensor of `shape` whose bytes start at `offset`."""
-        if not shape:
-            out = torch.empty((1,), dtype=dtype)
-            self._count(
-                self._spans(_bytes_of(out), offset=offset, spans=((0, out.element_size()),), packed=True)
-            )
-            return out.reshape(())
-        # The result is allocated once; owned bytes land in it directly, or through this thread's staging.
-        out = torch.empty(selection_shape(selection, shape), dtype=dtype)
+        # The result is allocated once (a scalar as one element: its bytes cannot be viewed as a 0-dim tensor);
+        # owned bytes land in it directly, or through this thread's staging.
+        out = torch.empty(selection_shape(selection, shape) or (1,), dtype=dtype)
         itemsize = out.element_size()
-        if selection is None or (
-            all(dim is None for dim in selection[1:]) and all(step == 1 for _, _, step in selection[0] or ())
-        ):
-            # Whole tensors and blocks of rows (most keys of most loads): one read per run, no plan to build.
-            row = itemsize * prod(shape[1:])
-            runs = ((0, shape[0], 1),) if selection is None or selection[0] is None else selection[0]
-            self._count(
-                self._spans(
-                    _bytes_of(out),
-                    offset=offset,
-                    spans=tuple((a * row, b * row) for a, b, _ in runs),
-                    packed=True,
-                )
-            )
-            return out
+        spans = row_byte_spans(selection, shape=shape, itemsize=itemsize)
+        if spans is not None:
+            # Whole tensors and rows of the first dim (most keys of most loads): one read per span, no plan.
+            self._count(self._spans(_bytes_of(out), offset=offset, spans=spans, packed=True))
+            return out if shape else out.reshape(())
         for step in row_reads(selection, shape=shape, itemsize=itemsize, page=self.page, block=self.block):
             level = out
             for index in step.at:
