@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from ownership.errors import OwnershipError
 from ownership.params import coerce_param
 from ownership.plan import EntryLike, MeshPlan, Plan, entry_nbytes, read_keys_file
 from ownership.render import human_bytes, print_json, print_table, selection_text
-from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset, rule_file, to_mesh
+from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset, merge_configs, rule_file, to_mesh
 from ownership.spec import load_ruleset_spec, ruleset_json_schema
 
 __all__ = ["main"]
@@ -205,26 +204,21 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ruleset_and_params(args: argparse.Namespace, *, load: bool = True) -> tuple[Any, dict[str, Any]]:
-    """The ruleset named (or picked from the checkpoint's model_type) and the params.
+def _ruleset_args(args: argparse.Namespace) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """The ruleset's name or path (picked from the checkpoint's model_type for `auto`), the params given and the
+    --config file's contents.
 
-    `ownership plan CKPT ...` (one positional that is a checkpoint) means `auto`. With --config, params are
-    resolved here from that file (over the checkpoint's own config); otherwise the checkpoint's config is read
-    where the plan is made. With `load=False` the ruleset is returned as its name (for `lint`).
+    `ownership plan CKPT ...` (one positional that is a checkpoint) means `auto`.
     """
     if args.checkpoint is None and getattr(args, "keys", None) is None and _is_checkpoint(args.ruleset):
         args.checkpoint, args.ruleset = args.ruleset, "auto"
-    given = parse_params(args.param)
     config = _read_config(args.config) if args.config is not None else None
-    if args.ruleset == "auto" or config is not None:
-        checkpoint_config = _checkpoint_config(args.checkpoint)
-        merged = {**(checkpoint_config or {}), **(config or {})}
-        if args.ruleset == "auto":
-            # Built-in rulesets are named after their files.
-            args.ruleset = detect_ruleset(merged, source=args.checkpoint or "the checkpoint").name
-        if config is not None:
-            given = load_ruleset(args.ruleset).resolve_params(given, config=merged)
-    return (load_ruleset(args.ruleset) if load else args.ruleset), given
+    name = args.ruleset
+    if name == "auto":
+        merged = merge_configs(_checkpoint_config(args.checkpoint), config)
+        # Built-in rulesets are named after their files.
+        name = detect_ruleset(merged, source=args.checkpoint or "the checkpoint").name
+    return name, parse_params(args.param), config
 
 
 def _is_checkpoint(text: str) -> bool:
@@ -244,21 +238,14 @@ def _checkpoint_config(path: str | None) -> dict[str, Any] | None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise OwnershipError(
-            "cannot read the config file",
-            source=str(path),
-            found=str(error),
-            expected="a config.json (a JSON object)",
-            fix="point --config at the base model's config.json",
-        ) from None
-    if not isinstance(data, dict):
-        raise OwnershipError(
-            "the config file is not a JSON object", source=str(path), fix="point --config at a config.json"
-        )
-    return data
+    from ownership.formats.detect import read_json_object
+
+    return read_json_object(
+        path,
+        what="the config file",
+        expected="a config.json (a JSON object)",
+        fix="point --config at the base model's config.json",
+    )
 
 
 def _entries(args: argparse.Namespace) -> tuple[Any, str]:
@@ -278,9 +265,12 @@ def _entries(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    ruleset, params = _ruleset_and_params(args)
+    ruleset_name, params, config = _ruleset_args(args)
+    ruleset = load_ruleset(ruleset_name)
     source, name = _entries(args)
-    result = ruleset.plan(source, mesh=args.mesh, rank=None if args.all_ranks else args.rank, params=params)
+    result = ruleset.plan(
+        source, mesh=args.mesh, rank=None if args.all_ranks else args.rank, params=params, config=config
+    )
     if args.format == "json":
         print_json(_plan_json(result, ruleset, mesh=args.mesh))
         return 0
@@ -423,10 +413,13 @@ def _load(args: argparse.Namespace) -> int:
     from ownership.loader import load
 
     dtype = _torch_dtype(args.dtype) if args.dtype else None
-    ruleset, params = _ruleset_and_params(args)
+    ruleset_name, params, config = _ruleset_args(args)
+    ruleset = load_ruleset(ruleset_name)
     if args.checkpoint is None:
         raise OwnershipError("nothing to load", fix="give a checkpoint file or folder")
-    result = load(ruleset, args.checkpoint, mesh=args.mesh, rank=args.rank, params=params, dtype=dtype)
+    result = load(
+        ruleset, args.checkpoint, mesh=args.mesh, rank=args.rank, params=params, config=config, dtype=dtype
+    )
     shapes = {entry.key: entry.shape for entry, _ in result.plan.owned_entries()}
     pieces = [(d, shapes[d.key] or (), result.tensors[d.local_key or d.key]) for d in result.plan.owned]
     info = {"ruleset": ruleset.name, "mesh": args.mesh, "rank": args.rank, "coords": result.plan.coords}
@@ -469,17 +462,16 @@ def _torch_dtype(name: str) -> Any:
 def _lint(args: argparse.Namespace) -> int:
     from ownership.lint import lint, to_json, to_sarif, to_text
     from ownership.lint.output import rule_lines
-    from ownership.lint.run import resolve_rule_file
 
-    ruleset, params = _ruleset_and_params(args, load=False)
+    ruleset, params, config = _ruleset_args(args)
     source: Any = None
     if args.keys is not None or args.checkpoint is not None:
         source, _ = _entries(args)
-    report = lint(args.ruleset, source, mesh=args.mesh, params=params)
+    report = lint(ruleset, source, mesh=args.mesh, params=params, config=config)
     if args.format == "json":
         print_json(to_json(report))
     elif args.format == "sarif":
-        print_json(to_sarif(report, rule_lines=rule_lines(str(resolve_rule_file(ruleset)[0]))))
+        print_json(to_sarif(report, rule_lines=rule_lines(str(rule_file(ruleset)[0]))))
     else:
         print(to_text(report))
     return report.exit_code

@@ -33,7 +33,7 @@ from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.sharded import ShardedCheckpoint
 from ownership.formats.torch_file import TorchFile
 
-__all__ = ["open_checkpoint"]
+__all__ = ["open_checkpoint", "read_json_object"]
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _ADAPTER_FILES = (
@@ -134,16 +134,25 @@ def _open_file(path: Path, *, config: dict[str, Any] | None) -> Checkpoint:
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
+    return read_json_object(path) if path.is_file() else None
+
+
+def read_json_object(
+    path: Path, *, what: str = "JSON", expected: str | None = None, fix: str = "fix or remove the file"
+) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config.json, say); anything else is a `CheckpointError`."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(
-            "cannot read JSON", source=str(path), found=str(error), fix="fix or remove the file"
+            f"cannot read {what}", source=str(path), found=str(error), expected=expected, fix=fix
         ) from None
     if not isinstance(data, dict):
         raise CheckpointError(
-            "JSON is not an object", source=str(path), found=type(data).__name__, fix="fix or remove the file"
+            f"{what} is not an object",
+            source=str(path),
+            found=type(data).__name__,
+            expected=expected,
+            fix=fix,
         )
     return data

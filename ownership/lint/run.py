@@ -26,12 +26,7 @@ from ownership.plan import EntryLike, entries_from_keys
 from ownership.ruleset import MeshLike, Ruleset, merge_configs, resolve_spec, rule_file, to_mesh
 from ownership.spec import RulesetSpec, load_ruleset_spec, parse_ruleset
 
-__all__ = ["lint", "resolve_rule_file"]
-
-
-def resolve_rule_file(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]:
-    """The rule file of a built-in name, a `model_type` or a path, and how messages name it."""
-    return rule_file(name_or_path)
+__all__ = ["lint"]
 
 
 def lint(
@@ -87,7 +82,7 @@ def _load(
                 None,
                 Finding(error.code or "schema", "error", error.message, rule=error.rule, fix=error.fix),
             )
-    path, where = (Path("<string>"), str(ruleset)) if text is not None else resolve_rule_file(ruleset)
+    path, where = (Path("<string>"), str(ruleset)) if text is not None else rule_file(ruleset)
     try:
         spec = parse_ruleset(text, source=where) if text is not None else load_ruleset_spec(path)
         spec, _ = resolve_spec(spec, source=where, base_dir=path.parent)

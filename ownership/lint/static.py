@@ -95,7 +95,8 @@ def _never_matches(program: Program) -> list[Finding]:
         if rule.spec.match is None:
             continue
         # Rules that can never be active together (their `when` conditions conflict) cannot shadow each other.
-        together = program.subset(tuple(r for r in program.rules if _compatible(r, rule)))
+        compatible = tuple(r for r in program.rules if _compatible(r, rule))
+        together = program if len(compatible) == len(program.rules) else program.subset(compatible)
         takers: set[str] = set()
         reached = False
         for key in example_keys(rule.spec.match):
