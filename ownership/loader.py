@@ -107,7 +107,15 @@ def iter_load(
     stats.bytes_total = plan.bytes_total
     stats.bytes_owned = plan.bytes_owned
     bar = _progress(stats.bytes_owned, progress)
-    yield from _load_pairs(plan.owned_entries(), checkpoint, device=device, dtype=dtype, stats=stats, bar=bar)
+    yield from _load_pairs(
+        plan.owned_entries(),
+        checkpoint,
+        device=device,
+        dtype=dtype,
+        stats=stats,
+        bar=bar,
+        ahead=_PREFETCH_BYTES,
+    )
 
 
 def _load_pairs(
@@ -118,12 +126,18 @@ def _load_pairs(
     dtype: torch.dtype | None,
     stats: LoadStats,
     bar: _Bar | None,
+    ahead: int | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Read the owned `(entry, decision)` pairs as they come; counts into `stats`."""
+    """Read the owned `(entry, decision)` pairs as they come, at most `ahead` bytes ahead of the consumer
+    (None: no bound); counts into `stats`."""
     start_read = checkpoint.stats.bytes_read
     started = time.perf_counter()
     cuda = device is not None and torch.device(device).type == "cuda"
-    items = _staged(pairs, checkpoint, device, dtype) if cuda else _on_host(pairs, checkpoint, device, dtype)
+    items = (
+        _staged(pairs, checkpoint, device, dtype)
+        if cuda
+        else _on_host(pairs, checkpoint, device, dtype, ahead)
+    )
     try:
         for entry, decision, tensor in items:
             stats.num_tensors += 1
@@ -148,8 +162,9 @@ def _on_host(
     checkpoint: Checkpoint,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
+    ahead: int | None,
 ) -> Generator[_Item, None, None]:
-    for entry, decision, tensor in _prefetched(pairs, checkpoint):
+    for entry, decision, tensor in _prefetched(pairs, checkpoint, ahead=ahead):
         if dtype is not None and tensor.dtype != dtype:
             tensor = _cast(tensor, dtype, key=entry.key)
         if device is not None:
@@ -255,18 +270,19 @@ class _Files:
 
 
 def _prefetched(
-    pairs: Iterator[tuple[EntryLike, Decision]], checkpoint: Checkpoint
+    pairs: Iterator[tuple[EntryLike, Decision]], checkpoint: Checkpoint, *, ahead: int | None
 ) -> Iterator[tuple[EntryLike, Decision, torch.Tensor]]:
     """Owned tensors in plan order, read by two threads ahead of the consumer.
 
     Reads copy from storage or the page cache with the GIL released, so a second reader overlaps the Python
     work of the first, and of whoever produces `pairs` (a plan still being decided). Small tensors go in batches
-    of about `_BATCH_BYTES`, so that handing work to a thread costs little next to the work; at most
-    `_PREFETCH_BYTES` is read ahead, which bounds staging memory.
+    of about `_BATCH_BYTES`, so that handing work to a thread costs little next to the work. At most `ahead`
+    bytes are read before the consumer takes them, which bounds memory for a consumer that drops tensors; one
+    that keeps them all (`load`) passes None, so that deciding the rest of the plan never waits for reads.
     """
     with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="ownership-read") as pool:
         pending: deque[tuple[int, Future[list[tuple[EntryLike, Decision, torch.Tensor]]]]] = deque()
-        ahead = 0
+        queued = 0
         batch: _Batch = []
         size = 0
         try:
@@ -276,12 +292,12 @@ def _prefetched(
                 if size < _BATCH_BYTES:
                     continue
                 pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
-                ahead += size
+                queued += size
                 batch, size = [], 0
                 # Hand over what is read; wait only when too far ahead.
-                while pending and (ahead >= _PREFETCH_BYTES or pending[0][1].done()):
+                while pending and ((ahead is not None and queued >= ahead) or pending[0][1].done()):
                     done, future = pending.popleft()
-                    ahead -= done
+                    queued -= done
                     yield from future.result()
             if batch:
                 pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
@@ -296,7 +312,8 @@ _Batch = list[tuple[EntryLike, Decision]]
 
 
 def _read_batch(checkpoint: Checkpoint, batch: _Batch) -> list[tuple[EntryLike, Decision, torch.Tensor]]:
-    return [(entry, decision, checkpoint.read(entry.key, decision.selection)) for entry, decision in batch]
+    tensors = checkpoint.read_many([(entry.key, decision.selection) for entry, decision in batch])
+    return [(entry, decision, tensor) for (entry, decision), tensor in zip(batch, tensors, strict=True)]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, *, key: str) -> torch.Tensor:
@@ -336,21 +353,34 @@ def load(
     """
     with open_checkpoint(checkpoint) as source:
         bound = ruleset.bind(mesh=mesh, params=params, config=merge_configs(source.config, config))
-        builder = PlanBuilder(bound, source.entries(), rank=rank)
+        builder = PlanBuilder(bound, source.iter_entries(), rank=rank)
         stats = LoadStats()
         if progress or (progress is None and sys.stderr.isatty()):
             # A progress bar may be drawn, and it needs the total first.
             plan = builder.plan()
-            tensors = dict(
-                iter_load(plan, source, device=device, dtype=dtype, stats=stats, progress=progress)
-            )
-        else:
-            # Reading starts with the first owned key while the rest are still being decided.
-            with paused_gc():
-                pairs = builder.owned_entries()
-                tensors = dict(_load_pairs(pairs, source, device=device, dtype=dtype, stats=stats, bar=None))
-            plan = builder.plan()
             stats.bytes_total, stats.bytes_owned = plan.bytes_total, plan.bytes_owned
+            bar = _progress(stats.bytes_owned, progress)
+            loaded = _load_pairs(
+                plan.owned_entries(), source, device=device, dtype=dtype, stats=stats, bar=bar, ahead=None
+            )
+            tensors = dict(loaded)
+        else:
+            # Reading starts with the first owned key while the rest are still being decided; the finished plan
+            # is checked and totalled while the last reads complete.
+            finished: list[Plan] = []
+
+            def pairs() -> Iterator[tuple[EntryLike, Decision]]:
+                yield from builder.owned_entries()
+                plan = builder.plan()
+                stats.bytes_total, stats.bytes_owned = plan.bytes_total, plan.bytes_owned
+                finished.append(plan)
+
+            with paused_gc():
+                loaded = _load_pairs(
+                    pairs(), source, device=device, dtype=dtype, stats=stats, bar=None, ahead=None
+                )
+                tensors = dict(loaded)
+            plan = finished[0]
     return LoadResult(tensors=tensors, plan=plan, stats=stats)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any, NamedTuple, Protocol
 
 from ownership.compile import BoundRuleset
@@ -83,7 +84,13 @@ class Plan:
     @property
     def bytes_total(self) -> int:
         """Bytes of every entry of the checkpoint (0 where dtype or shape is unknown)."""
-        return sum(entry_nbytes(e) or 0 for e in self.entries)
+        # Inline: a checkpoint can hold tens of thousands of entries, and loads report this total.
+        total = 0
+        for entry in self.entries:
+            dtype, shape = entry.dtype, entry.shape
+            if dtype is not None and shape is not None:
+                total += prod(shape) * dtype_itemsize(dtype)
+        return total
 
     @property
     def bytes_owned(self) -> int:
@@ -149,18 +156,18 @@ class PlanBuilder:
         self.bound = bound
         self.rank = rank
         self.rules = bound.for_rank(rank)
-        self.entries = list(entries)
+        self.entries: list[EntryLike] = []
         self.owned: list[Decision] = []
         self.index: list[int] = []
-        self._next = 0
+        # Entries are taken as they come: a checkpoint may still be listing its header.
+        self._source = iter(entries)
 
     def owned_entries(self) -> Iterator[tuple[EntryLike, Decision]]:
         """Decide the entries not yet decided, in checkpoint order, yielding the owned ones as they are decided."""
         decide, owned, index, entries = self.rules.decide, self.owned, self.index, self.entries
-        while self._next < len(entries):
-            i = self._next
-            self._next += 1
-            entry = entries[i]
+        for entry in self._source:
+            i = len(entries)
+            entries.append(entry)
             decision = decide(entry.key, entry.shape)
             if decision.owned:
                 owned.append(decision)

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
@@ -148,9 +149,18 @@ class Checkpoint(ABC):
     def entries(self) -> list[Entry]:
         """Every tensor, in file order, from headers and indexes alone."""
 
+    def iter_entries(self) -> Iterator[Entry]:
+        """The entries of `entries()`, each yielded as soon as its header is read (back-ends that list as they
+        read say so), so reading owned tensors can start before the listing ends."""
+        return iter(self.entries())
+
     @abstractmethod
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         """Exactly the selected elements of one tensor, contiguous, in selection order."""
+
+    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
+        """`read` of each `(key, selection)`, in order; back-ends read bytes that lie back to back in one call."""
+        return [self.read(key, selection) for key, selection in requests]
 
     def close(self) -> None:  # noqa: B027 - optional: back-ends without open files keep the default
         """Release open files."""

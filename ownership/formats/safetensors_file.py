@@ -13,17 +13,16 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ownership.dtypes import DTYPE_ITEMSIZE
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Entry, torch_dtype
+from ownership.formats.entry import TORCH_DTYPES, Entry, torch_dtype
 from ownership.formats.single import SingleFile
 from ownership.gcpause import paused_gc
-from ownership.selection import Selection
 
 __all__ = ["SafetensorsFile", "read_header"]
 
@@ -32,6 +31,14 @@ _MAX_HEADER = 100 * 2**20
 
 def read_header(path: Path, *, display: str) -> list[Entry]:
     """Entries in file order, each with the absolute offset of its bytes; every range checked against the file."""
+    with paused_gc():
+        return list(_scan(*_parse(path, display=display), display=display))
+
+
+def _parse(path: Path, *, display: str) -> tuple[list[tuple[str, Any]], int, int, str]:
+    """The header's `(key, info)` items in the order of their bytes, where data starts, how many data bytes
+    follow, and the file's name; a file too short for its header or a header that is not a JSON object is a
+    `CheckpointError`."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -56,15 +63,35 @@ def read_header(path: Path, *, display: str) -> list[Entry]:
         raise _corrupt(display, f"a header that is not JSON ({error})", "a JSON header") from None
     if not isinstance(header, dict):
         raise _corrupt(display, "a header that is not a JSON object", "a JSON object")
-    data_size = size - 8 - length
-    entries: list[Entry] = []
-    name = path.name
-    base = 8 + length
-    itemsizes = DTYPE_ITEMSIZE
-    # One pass, a few operations per entry: headers of MoE adapters hold tens of thousands of entries.
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
+    header.pop("__metadata__", None)
+    items = list(header.items())
+    # Safetensors lists keys in the order of their bytes; other writers may not, and entries follow the bytes.
+    try:
+        starts = [info["data_offsets"][0] for _, info in items]
+        ordered = all(a <= b for a, b in pairwise(starts))
+    except (KeyError, TypeError, IndexError):
+        ordered = False
+    if not ordered:
+        items.sort(key=lambda item: _start(item[1]))
+    return items, 8 + length, size - 8 - length, path.name
+
+
+def _start(info: Any) -> int:
+    """Where an entry's bytes start, for ordering; a malformed entry sorts first and is reported by `_scan`."""
+    try:
+        return int(info["data_offsets"][0])
+    except (KeyError, TypeError, IndexError, ValueError):
+        return -1
+
+
+def _scan(
+    items: list[tuple[str, Any]], base: int, data_size: int, name: str, *, display: str
+) -> Iterator[Entry]:
+    """Each header item as an entry, checked: dtype known, shape of non-negative ints, data offsets inside
+    the file and as long as the shape says."""
+    itemsizes, dtypes = DTYPE_ITEMSIZE, TORCH_DTYPES
+    # A few operations per entry: headers of MoE adapters hold tens of thousands of entries.
+    for key, info in items:
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             nbytes = itemsizes[dtype]
@@ -89,11 +116,9 @@ def read_header(path: Path, *, display: str) -> list[Entry]:
             raise _corrupt(
                 display, f"{end - begin} bytes for shape {list(shape)} of {dtype}", f"{nbytes} bytes", key=key
             )
-        entries.append(Entry(key, dtype, shape, name, base + begin))
-    for dtype in {entry.dtype for entry in entries}:
-        torch_dtype(dtype, key=next(e.key for e in entries if e.dtype == dtype), source=display)
-    entries.sort(key=lambda entry: entry.offset or 0)
-    return entries
+        if dtype not in dtypes:
+            torch_dtype(dtype, key=key, source=display)
+        yield Entry(key, dtype, shape, name, base + begin)
 
 
 def _corrupt(display: str, found: str, expected: str, *, key: str | None = None) -> CheckpointError:
@@ -112,9 +137,7 @@ class SafetensorsFile(SingleFile):
 
     kind = "safetensors"
 
-    def _list_entries(self) -> list[Entry]:
+    def _open(self) -> Iterator[Entry]:
         with paused_gc():
-            return read_header(self.root, display=self.display)
-
-    def read(self, key: str, selection: Selection = None) -> torch.Tensor:
-        return self._read_at_offset(self._checked(key, selection), selection)
+            parsed = _parse(self.root, display=self.display)
+        return _scan(*parsed, display=self.display)

@@ -22,6 +22,8 @@ import json
 import os
 import posixpath
 import threading
+from collections.abc import Iterator, Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +116,17 @@ class ShardedCheckpoint(Checkpoint):
 
     def entries(self) -> list[Entry]:
         if self._entries is None:
-            self._entries = self._list()
+            self._entries = list(self.iter_entries())
         return list(self._entries)
 
-    def _list(self) -> list[Entry]:
-        files = list(dict.fromkeys(self._weight_map.values()))
-        entries: list[Entry] = []
+    def iter_entries(self) -> Iterator[Entry]:
+        if self._entries is not None:
+            yield from self._entries
+            return
+        # Each shard's entries as its header is read; the index is checked against them at the end.
         seen: dict[str, str] = {}
-        for name in files:
-            for entry in self._shard(name).entries():
+        for name in dict.fromkeys(self._weight_map.values()):
+            for entry in self._shard(name).iter_entries():
                 if entry.key in seen:
                     raise CheckpointError(
                         "key is stored in two shards",
@@ -134,7 +138,7 @@ class ShardedCheckpoint(Checkpoint):
                     )
                 seen[entry.key] = name
                 if self._weight_map.get(entry.key) == name:
-                    entries.append(Entry(entry.key, entry.dtype, entry.shape, name, offset=entry.offset))
+                    yield Entry(entry.key, entry.dtype, entry.shape, name, offset=entry.offset)
         for key, name in self._weight_map.items():
             if seen.get(key) != name:
                 raise CheckpointError(
@@ -145,14 +149,20 @@ class ShardedCheckpoint(Checkpoint):
                     expected=f"the key in {name}",
                     fix="the index and the shards come from different saves",
                 )
-        return entries
 
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
-        name = self._weight_map.get(key)
-        if name is None:
-            self.entry(key)
-            raise AssertionError("unreachable")  # pragma: no cover
-        return self._shard(name).read(key, selection)
+        return self.read_many([(key, selection)])[0]
+
+    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        # Runs of keys in one shard go to that shard together.
+        for name, group in groupby(requests, key=lambda request: self._weight_map.get(request[0])):
+            run = list(group)
+            if name is None:
+                self.entry(run[0][0])
+                raise AssertionError("unreachable")  # pragma: no cover
+            out += self._shard(name).read_many(run)
+        return out
 
     def close(self) -> None:
         for shard in self._shards.values():

@@ -1,33 +1,49 @@
-"""What every one-file back-end shares: its entries by key, a row reader, and reads at an entry's offset.
+"""What every one-file back-end shares: entries listed as its header is read, a row reader, and reads at an
+entry's offset, one at a time or many with few system calls.
+
+A back-end reads and checks its header's framing when opened (`_open`), so a file that is not what its name says
+fails at once, and hands back an iterator that makes and checks one entry at a time. `iter_entries` yields each
+as soon as it is made: a loader reads the first owned tensors while later entries are still being listed.
 
 Example:
     >>> import tempfile, torch
     >>> from safetensors.torch import save_file
     >>> from ownership.formats.safetensors_file import SafetensorsFile
     >>> path = tempfile.mkdtemp() + "/w.safetensors"
-    >>> save_file({"w": torch.arange(4.0)}, path)
-    >>> isinstance(SafetensorsFile(path), SingleFile)
-    True
+    >>> save_file({"a": torch.arange(4.0), "b": torch.ones(2)}, path)
+    >>> with SafetensorsFile(path) as f:
+    ...     isinstance(f, SingleFile), [e.key for e in f.iter_entries()], f.read_many([("b", None)])[0].tolist()
+    (True, ['a', 'b'], [1.0, 1.0])
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from abc import abstractmethod
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ownership.errors import CheckpointError
 from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, torch_dtype
-from ownership.formats.rows import RowReader
+from ownership.formats.rows import ReadRequest, RowReader
+from ownership.gcpause import paused_gc
 from ownership.selection import Selection
 
 __all__ = ["SingleFile"]
 
+# Entries made per step of the listing: small enough that reading starts early, large enough that the lock
+# taken per step costs nothing.
+_STEP = 256
+
 
 class SingleFile(Checkpoint):
-    """A checkpoint stored in one file; subclasses say how to list its entries (`_list_entries`)."""
+    """A checkpoint stored in one file; subclasses read its header (`_open`) and say where a tensor's bytes
+    start (`_data_offset`)."""
 
     def __init__(
         self,
@@ -41,14 +57,55 @@ class SingleFile(Checkpoint):
         super().__init__(path, config=config, stats=stats)
         self.display = display or str(path)
         self._reader = RowReader(path, stats=self.stats, display=self.display)
-        self._entries = self._list_entries()
-        self._by_key = {entry.key: entry for entry in self._entries}
+        self._entries: list[Entry] = []
+        self._by_key: dict[str, Entry] = {}
+        self._failure: CheckpointError | None = None
+        self._lock = threading.Lock()
+        self._scan: Iterator[Entry] | None = self._open()
 
     @abstractmethod
-    def _list_entries(self) -> list[Entry]:
-        """Every entry of the file, from its header alone; called once, by `__init__`."""
+    def _open(self) -> Iterator[Entry]:
+        """Read and check the header's framing now; return an iterator that makes and checks each entry, in
+        file order. Called once, by `__init__`."""
+
+    def _data_offset(self, entry: Entry) -> int | None:
+        """Where the entry's bytes start, row-major; None where the back-end reads it another way (`read`)."""
+        return entry.offset
+
+    def iter_entries(self) -> Iterator[Entry]:
+        position = 0
+        while True:
+            entries = self._entries
+            if position < len(entries):
+                end = len(entries)
+                yield from entries[position:end]
+                position = end
+            elif not self._list_more():
+                return
+
+    def _list_more(self) -> bool:
+        """Make the next entries; False once there are no more."""
+        with self._lock:
+            if self._failure is not None:
+                raise self._failure
+            if self._scan is None:
+                return False
+            try:
+                made = list(islice(self._scan, _STEP))
+            except CheckpointError as error:
+                # Remembered: a later listing must fail the same way, not look complete.
+                self._failure, self._scan = error, None
+                raise
+            if len(made) < _STEP:
+                self._scan = None
+            self._by_key.update((entry.key, entry) for entry in made)
+            self._entries.extend(made)
+            return bool(made)
 
     def entries(self) -> list[Entry]:
+        with paused_gc():
+            while self._list_more():
+                pass
         return list(self._entries)
 
     def close(self) -> None:
@@ -60,8 +117,33 @@ class SingleFile(Checkpoint):
         check_selection(selection, entry.shape, key=key, source=self.display)
         return entry
 
-    def _read_at_offset(self, entry: Entry, selection: Selection) -> torch.Tensor:
-        """Read a row-major tensor at its recorded offset."""
-        assert entry.offset is not None
-        dtype = torch_dtype(entry.dtype, key=entry.key, source=self.display)
-        return self._reader.read(entry.offset, dtype, entry.shape, selection)
+    def read(self, key: str, selection: Selection = None) -> torch.Tensor:
+        return self.read_many([(key, selection)])[0]
+
+    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = []
+        located: list[ReadRequest] = []
+        slots: list[int] = []
+        for key, selection in requests:
+            entry = self._checked(key, selection)
+            offset = self._data_offset(entry)
+            if offset is None:
+                out.append(self._read_other(entry, selection))
+                continue
+            slots.append(len(out))
+            out.append(None)
+            located.append(
+                (offset, torch_dtype(entry.dtype, key=key, source=self.display), entry.shape, selection)
+            )
+        for slot, tensor in zip(slots, self._reader.read_many(located), strict=True):
+            out[slot] = tensor
+        return out  # type: ignore[return-value]  # every slot is filled
+
+    def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
+        """Read an entry that has no data offset; back-ends whose entries all have one never get here."""
+        raise CheckpointError(
+            "tensor bytes are not stored row-major at a known offset",
+            source=self.display,
+            key=entry.key,
+            fix="re-save the checkpoint as safetensors",
+        )

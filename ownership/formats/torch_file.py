@@ -21,16 +21,18 @@ from __future__ import annotations
 import pickle
 import warnings
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Entry, dtype_name
+from ownership.formats.entry import TORCH_DTYPES, Entry, dtype_name
+from ownership.formats.rows import VectorRead, bytes_of
 from ownership.formats.single import SingleFile
 from ownership.formats.take import take
-from ownership.formats.torch_layout import data_offset_from, tensor_layout
-from ownership.selection import Selection, selection_read_count
+from ownership.formats.torch_layout import PickledState, TensorLayout, data_offset_from, read_pickle
+from ownership.selection import Selection, row_byte_spans, selection_read_count, selection_shape
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
 
@@ -47,17 +49,35 @@ class TorchFile(SingleFile):
     mapped = True
     """False for an old non-zip pickle, which is read whole."""
 
-    def _list_entries(self) -> list[Entry]:
+    def _open(self) -> Iterator[Entry]:
         path = self.root
-        layout = tensor_layout(path) if path.is_file() and zipfile.is_zipfile(path) else None
-        self._state: dict[str, torch.Tensor] = {}
-        self._layout = layout or {}
-        self._offsets: dict[str, int] = {}
-        if layout is not None:
-            # `offset` stays None: a record's data offset needs its local header, read on first use.
-            return [Entry(key, t.dtype, t.shape, path.name) for key, t in layout.items()]
-        self._state = self._load(path)
-        return [Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in self._state.items()]
+        self._pickled = read_pickle(path) if path.is_file() and zipfile.is_zipfile(path) else None
+        self._state: dict[str, torch.Tensor] | None = None
+        self._offsets: dict[str, int | None] = {}
+        # Whether records' headers are still as torch.save writes them (`read_many`).
+        self._predicting = True
+        if self._pickled is None:
+            state = self._state = self._load(path)
+            return iter(
+                [Entry(key, dtype_name(t.dtype), tuple(t.shape), path.name) for key, t in state.items()]
+            )
+        return self._entries_of(self._pickled, name=path.name)
+
+    def _entries_of(self, pickled: PickledState, *, name: str) -> Iterator[Entry]:
+        # `offset` stays None: a record's data offset needs its local header, read when the tensor is.
+        for key in pickled.tensors:
+            try:
+                dtype, shape = pickled.dtype_shape(key)
+            except ValueError as error:
+                raise CheckpointError(
+                    "cannot read the PyTorch checkpoint",
+                    source=self.display,
+                    key=key,
+                    found=str(error),
+                    expected="a tensor record as torch.save writes it",
+                    fix="re-download or re-save the file",
+                ) from None
+            yield Entry(key, dtype, shape, name)
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
@@ -115,30 +135,86 @@ class TorchFile(SingleFile):
 
     def close(self) -> None:
         super().close()
-        self._state = {}
+        self._state = None
 
     def data_offset(self, key: str) -> int | None:
         """File offset of a tensor's first byte, or None where it is not stored row-major and uncompressed."""
-        offset = self._offsets.get(key)
-        if offset is None and key in self._layout:
-            layout = self._layout[key]
-            offset = data_offset_from(self._reader.peek(layout.record, 30), layout.record) + layout.within
-            self._offsets[key] = offset
+        return self._data_offset(self._by_key.get(key) or self.entry(key))
+
+    def _data_offset(self, entry: Entry) -> int | None:
+        key = entry.key
+        if key in self._offsets:
+            return self._offsets[key]
+        where = None if self._pickled is None else self._pickled.location(key)
+        offset = None
+        if where is not None:
+            offset = data_offset_from(self._reader.peek(where.record, 30), where.record) + where.within
+        self._offsets[key] = offset
         return offset
 
-    def read(self, key: str, selection: Selection = None) -> torch.Tensor:
-        entry = self._checked(key, selection)
-        offset = self.data_offset(key)
-        if offset is not None:
-            # Read the owned rows with preadv: no mapped page of the file ever counts against this process.
-            return self._read_at_offset(entry._replace(offset=offset), selection)
-        tensor = self._state[key]
+    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
+        """Whole tensors and rows are read with their records' local headers, whose lengths torch.save makes
+        predictable: owned records that follow one another are one read, with no read of each header first. A
+        header that says otherwise has its tensor read again from where it says, and ends the predicting."""
+        out: list[torch.Tensor | None] = [None] * len(requests)
+        vector = VectorRead(self._reader)
+        checks: list[tuple[int, Entry, TensorLayout, bytearray]] = []
+        others: list[int] = []
+        for slot, (key, selection) in enumerate(requests):
+            entry = self._checked(key, selection)
+            where = self._pickled.location(key) if self._predicting and self._pickled is not None else None
+            dtype = TORCH_DTYPES.get(entry.dtype)
+            spans = None
+            if where is not None and dtype is not None and key not in self._offsets:
+                spans = row_byte_spans(selection, shape=entry.shape, itemsize=dtype.itemsize)
+            if where is None or dtype is None or spans is None:
+                others.append(slot)
+                continue
+            header = bytearray(where.header)
+            vector.add(where.record, memoryview(header), counted=False)
+            tensor = torch.empty(selection_shape(selection, entry.shape) or (1,), dtype=dtype)
+            view, position, data = bytes_of(tensor), 0, where.record + where.header + where.within
+            for lo, hi in spans:
+                vector.add(data + lo, view[position : position + hi - lo])
+                position += hi - lo
+            out[slot] = tensor if entry.shape else tensor.reshape(())
+            checks.append((slot, entry, where, header))
+        vector.flush()
+        for slot, entry, where, header in checks:
+            if _header_holds(header, where):
+                self._offsets[entry.key] = where.record + where.header + where.within
+                continue
+            self._predicting = False
+            others.append(slot)
+        if others:
+            others.sort()
+            for slot, tensor in zip(others, super().read_many([requests[i] for i in others]), strict=True):
+                out[slot] = tensor
+        return out  # type: ignore[return-value]  # every slot is filled
+
+    def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
+        # Through torch.load(mmap=True): the mapped file's pages are touched only for the selection.
+        with self._lock:
+            if self._state is None:
+                self._state = self._load(self._reader.path)
+            state = self._state
+        tensor = state[entry.key]
         self.stats.files_opened.add(str(self._reader.path))
         if self.mapped:
             self.stats.bytes_read += (
                 selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size()
             )
         return take(tensor, selection)
+
+
+def _header_holds(header: bytearray, where: TensorLayout) -> bool:
+    """Whether a record's local header, read with its data, is as long as predicted."""
+    if len(header) < 30:
+        return False
+    try:
+        return data_offset_from(bytes(header[:30]), where.record) == where.record + where.header
+    except zipfile.BadZipFile:
+        return False
 
 
 _ZIP_MAGIC = b"PK\x03\x04"

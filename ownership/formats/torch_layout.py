@@ -4,17 +4,21 @@
 9,000 tensors, ten times the time of reading one rank's share. This module reads the same pickle with the C
 unpickler restricted to an allow-list: `find_class` hands out only stand-ins for `_rebuild_tensor_v2`, the
 storage types and `OrderedDict`, and storages resolve to records of the zip, so no code from the file ever runs.
-What it cannot describe (other classes, non-contiguous tensors, compressed records) returns None, and the caller
-falls back to `torch.load(weights_only=True)`, which reports the problem.
+
+`read_pickle` does the part that needs the whole file (the zip's directory, the pickle); a pickle it cannot
+describe (other classes, anything but a flat dict of tensors) gives None, and the caller falls back to
+`torch.load(weights_only=True)`, which reports the problem. `PickledState.location` then places one tensor, so
+a loader pays for the tensors it reads; one it cannot place (not contiguous, a compressed record) gives None and
+is read through `torch.load` alone.
 
 Example:
     >>> import tempfile, torch
     >>> from pathlib import Path
     >>> path = Path(tempfile.mkdtemp()) / "w.bin"
     >>> torch.save({"w": torch.zeros(2, 3)}, path)
-    >>> layout = tensor_layout(path)
-    >>> layout["w"].dtype, layout["w"].shape, layout["w"].within
-    ('F32', (2, 3), 0)
+    >>> state = read_pickle(path)
+    >>> state.dtype_shape("w"), state.location("w").within
+    (('F32', (2, 3)), 0)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from ownership.gcpause import paused_gc
 
-__all__ = ["TensorLayout", "data_offset", "data_offset_from", "tensor_layout"]
+__all__ = ["PickledState", "TensorLayout", "data_offset", "data_offset_from", "read_pickle", "tensor_layout"]
 
 _STORAGE_DTYPES = {
     "DoubleStorage": ("F64", 8),
@@ -49,20 +53,18 @@ _STORAGE_DTYPES = {
 @dataclass(frozen=True, slots=True)
 class TensorLayout:
     """A tensor's dtype, shape, and where its bytes are: `within` bytes into the zip record whose local header
-    starts at `record` (row-major, uncompressed). `data_offset` turns that into a file offset."""
+    starts at `record` (row-major, uncompressed). `data_offset` turns that into a file offset.
+
+    `header` is the local header's length as `torch.save` writes it (each record's data starts on a multiple of
+    64 bytes), so a reader can take the header with the data in one read; it is a prediction, true of every
+    file torch.save wrote with its default alignment, and the header read says whether it held.
+    """
 
     dtype: str
     shape: tuple[int, ...]
     record: int
     within: int
-
-
-# Tuples, not dataclasses: one of each is made per tensor, and an adapter can hold tens of thousands.
-class _Storage(NamedTuple):
-    dtype: str
-    itemsize: int
-    key: str
-    numel: int
+    header: int = 0
 
 
 class _StorageType(NamedTuple):
@@ -70,19 +72,51 @@ class _StorageType(NamedTuple):
     itemsize: int
 
 
+class _Rebuilt(tuple):  # type: ignore[type-arg]
+    """The arguments of one `_rebuild_tensor_v2` call, kept as they are: checking them waits until the tensor is
+    listed or read, so unpickling costs as little as it can per tensor."""
+
+    __slots__ = ()
+
+
 class _Tensor(NamedTuple):
-    storage: _Storage
+    dtype: str
+    itemsize: int
+    storage: str
+    numel: int
     storage_offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
-    if type(storage) is not _Storage or type(storage_offset) is not int:
-        raise pickle.UnpicklingError("tensor without a storage record")
-    if type(size) is not tuple or type(stride) is not tuple:
-        raise pickle.UnpicklingError("tensor size or stride is not a tuple")
-    return _Tensor(storage, storage_offset, size, stride)
+def _rebuild_tensor_v2(*args: Any) -> _Rebuilt:
+    return _Rebuilt(args)
+
+
+def _tensor(rebuilt: _Rebuilt) -> _Tensor:
+    """The stand-in tensor of a `_rebuild_tensor_v2` call; a ValueError says what is wrong with it."""
+    if len(rebuilt) < 4:
+        raise ValueError(f"a tensor record of {len(rebuilt)} fields")
+    pid, storage_offset, shape, stride = rebuilt[:4]
+    # A storage's persistent id, as torch.save writes it: ("storage", type, key, location, numel).
+    if not (
+        type(pid) is tuple
+        and len(pid) == 5
+        and pid[0] == "storage"
+        and type(pid[1]) is _StorageType
+        and type(pid[4]) is int
+        and type(storage_offset) is int
+    ):
+        raise ValueError("a tensor without a storage record")
+    if type(shape) is not tuple or type(stride) is not tuple:
+        raise ValueError("a tensor size or stride that is not a tuple")
+    for size in shape:
+        if type(size) is not int or size < 0:
+            raise ValueError(f"shape {shape!r}")
+    storage_type: _StorageType = pid[1]
+    return _Tensor(
+        storage_type.dtype, storage_type.itemsize, str(pid[2]), pid[4], storage_offset, shape, stride
+    )
 
 
 class _LayoutUnpickler(pickle.Unpickler):
@@ -95,13 +129,8 @@ class _LayoutUnpickler(pickle.Unpickler):
             return _StorageType(*_STORAGE_DTYPES[name])
         raise pickle.UnpicklingError(f"{module}.{name} is not on the allow-list")
 
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError("unknown persistent id")
-        storage_type, key, _, numel = pid[1:]
-        if type(storage_type) is not _StorageType or type(numel) is not int:
-            raise pickle.UnpicklingError("unknown storage type")
-        return _Storage(storage_type.dtype, storage_type.itemsize, str(key), numel)
+    # The persistent id itself (a tuple, checked by `_tensor`): a built-in costs less per tensor than a method.
+    persistent_load = staticmethod(tuple)
 
 
 def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -113,6 +142,11 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
             return False
         expected *= shape[i]
     return True
+
+
+# A central directory entry's fixed 46 bytes: signature, compression method, name/extra/comment lengths and the
+# local header's offset (the fields between are skipped).
+_DIRECTORY_ENTRY = struct.Struct("<4s6xH16xHHH8xI")
 
 
 def _central_directory(handle: BinaryIO, size: int) -> dict[str, tuple[int, int]]:
@@ -140,12 +174,11 @@ def _central_directory(handle: BinaryIO, size: int) -> dict[str, tuple[int, int]
     directory = handle.read(cd_size)
     members: dict[str, tuple[int, int]] = {}
     position = 0
+    unpack = _DIRECTORY_ENTRY.unpack_from
     for _ in range(num_entries):
-        if directory[position : position + 4] != b"PK\x01\x02":
+        signature, method, name_length, extra_length, comment_length, offset = unpack(directory, position)
+        if signature != b"PK\x01\x02":
             raise zipfile.BadZipFile("bad central directory entry")
-        (method,) = struct.unpack_from("<H", directory, position + 10)
-        name_length, extra_length, comment_length = struct.unpack_from("<HHH", directory, position + 28)
-        (offset,) = struct.unpack_from("<I", directory, position + 42)
         name = directory[position + 46 : position + 46 + name_length].decode("utf-8")
         if offset == 0xFFFFFFFF:
             offset = _zip64_offset(
@@ -184,18 +217,84 @@ def data_offset_from(local: bytes, local_header: int) -> int:
     return int(local_header + 30 + name_length + extra_length)
 
 
-def tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
-    """Layout of every tensor of a flat state dict saved by `torch.save`, or None where it cannot be told."""
+@dataclass
+class PickledState:
+    """A flat state dict as its pickle describes it: per key a tensor record, and the zip's records."""
+
+    tensors: dict[str, _Rebuilt]
+    records: dict[str, tuple[int, int]]
+    """Storage key -> (local header offset, compression method) of its record."""
+    prefix: str = ""
+    """The archive's folder of records (`<name>/data/`)."""
+
+    def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
+        """The tensor's dtype name and shape; a malformed record is a ValueError."""
+        tensor = _tensor(self.tensors[key])
+        return tensor.dtype, tensor.shape
+
+    def location(self, key: str) -> TensorLayout | None:
+        """Where the tensor's bytes are, or None where they are not one row-major run of a stored record."""
+        try:
+            tensor = _tensor(self.tensors[key])
+        except ValueError:
+            return None
+        record = self.records.get(tensor.storage)
+        if record is None or record[1] != 0 or not all(type(x) is int for x in tensor.stride):
+            return None
+        numel = 1
+        for size in tensor.shape:
+            numel *= size
+        if not _contiguous(tensor.shape, tensor.stride) or tensor.storage_offset + numel > tensor.numel:
+            return None
+        within = tensor.storage_offset * tensor.itemsize
+        name_length = len(self.prefix) + len(tensor.storage.encode())
+        return TensorLayout(tensor.dtype, tensor.shape, record[0], within, _header(record[0], name_length))
+
+
+# torch.save starts each record's data on a multiple of this, padding the local header's extra field.
+_RECORD_ALIGNMENT = 64
+
+
+def _header(record: int, name_length: int) -> int:
+    """The local header's length torch.save writes: 30 fixed bytes, the name, and an extra field of at least its
+    4-byte header (plus zip64 fields past 4 GiB) padded so that the data is aligned."""
+    start = record + 30 + name_length + 4
+    if record >= 0xFFFFFFFF:
+        start += 4 + 8
+    return -(-start // _RECORD_ALIGNMENT) * _RECORD_ALIGNMENT - record
+
+
+def read_pickle(path: Path) -> PickledState | None:
+    """The state dict pickled in a zip `torch.save` file, or None where it is not a flat dict of plain tensors
+    (then `torch.load(weights_only=True)` must judge it)."""
     with paused_gc():
-        return _tensor_layout(path)
+        return _read_pickle(path)
 
 
-def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
+def tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
+    """Layout of every tensor of a flat state dict saved by `torch.save`, or None where one cannot be told."""
+    state = read_pickle(path)
+    if state is None:
+        return None
+    layout: dict[str, TensorLayout] = {}
+    for key in state.tensors:
+        try:
+            state.dtype_shape(key)
+        except ValueError:
+            return None
+        where = state.location(key)
+        if where is None:
+            return None
+        layout[key] = where
+    return layout
+
+
+def _read_pickle(path: Path) -> PickledState | None:
     try:
         with path.open("rb") as handle:
             members = _central_directory(handle, path.stat().st_size)
             pickles = [name for name in members if name.endswith("/data.pkl")]
-            if len(pickles) != 1 or any(method != 0 for _, method in members.values()):
+            if len(pickles) != 1 or members[pickles[0]][1] != 0:
                 return None
             prefix = pickles[0][: -len("data.pkl")]
             pickle_offset = data_offset(handle, members[pickles[0]][0])
@@ -205,11 +304,6 @@ def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
             )
             handle.seek(pickle_offset)
             state = _LayoutUnpickler(io.BytesIO(handle.read(pickle_end - pickle_offset))).load()
-            data = prefix + "data/"
-            # Local headers are read only for the tensors a rank reads (`data_offset`), not for all of them.
-            records = {
-                name[len(data) :]: offset for name, (offset, _) in members.items() if name.startswith(data)
-            }
     except (
         OSError,
         zipfile.BadZipFile,
@@ -224,23 +318,11 @@ def _tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
         KeyError,
     ):
         return None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(
+        type(key) is str and type(tensor) is _Rebuilt for key, tensor in state.items()
+    ):
         return None
-    layout: dict[str, TensorLayout] = {}
-    for key, tensor in state.items():
-        if not isinstance(key, str) or type(tensor) is not _Tensor:
-            return None
-        if not all(type(x) is int for x in (*tensor.shape, *tensor.stride)):
-            return None
-        numel = 1
-        for size in tensor.shape:
-            numel *= size
-        if (
-            tensor.storage.key not in records
-            or not _contiguous(tensor.shape, tensor.stride)
-            or tensor.storage_offset + numel > tensor.storage.numel
-        ):
-            return None
-        within = tensor.storage_offset * tensor.storage.itemsize
-        layout[key] = TensorLayout(tensor.storage.dtype, tensor.shape, records[tensor.storage.key], within)
-    return layout
+    data = prefix + "data/"
+    # Local headers are read only for the tensors a rank reads (`data_offset`), not for all of them.
+    records = {name[len(data) :]: member for name, member in members.items() if name.startswith(data)}
+    return PickledState(state, records, data)
