@@ -1,8 +1,9 @@
 """Loading: a rank's plan applied to a checkpoint, reading the bytes it owns and no others.
 
-`load(ruleset, checkpoint, mesh=..., rank=...)` plans from the checkpoint's headers, then reads each owned
-selection through the checkpoint's back-end and returns the tensors under their local names, with totals of
-bytes owned, read and skipped. `iter_load` yields `(local_key, tensor)` pairs one at a time, so peak memory is
+`load(ruleset, checkpoint, mesh=..., rank=...)` plans from the checkpoint's headers and reads each owned
+selection through the checkpoint's back-end, returning the tensors under their local names with totals of bytes
+owned, read and skipped. The three overlap: entries are decided as the header is read (`iter_entries`), and two
+reader threads read owned tensors, many per system call (`read_many`), while later entries are still decided. `iter_load` yields `(local_key, tensor)` pairs one at a time, so peak memory is
 what the caller keeps plus one tensor in flight.
 
 With a CUDA `device`, each owned tensor is allocated once on the device and filled through a small ring of pinned

@@ -1,10 +1,11 @@
 """PyTorch `.bin`/`.pt` state dicts, reading only the owned bytes.
 
 A zip file written by `torch.save` is described by `torch_layout` (an allow-listed reading of its pickle) and
-its tensors are read with `preadv` like safetensors. Anything that description does not cover goes through
-`torch.load(mmap=True, weights_only=True)`: tensors over the mapped file, data untouched until a selection is
-copied; `weights_only` refuses anything but plain tensors and containers, so an arbitrary pickle is never
-executed. An old (non-zip) pickle cannot be memory-mapped; it is still loaded safely, whole, with a
+its tensors are read with `preadv` like safetensors, each record's local header in the same read as its data. A
+pickle that description cannot read goes whole through `torch.load(mmap=True, weights_only=True)`, and so does
+a single tensor it cannot place (not contiguous, a compressed record): tensors over the mapped file, data
+untouched until a selection is copied; `weights_only` refuses anything but plain tensors and containers, so an
+arbitrary pickle is never executed. An old (non-zip) pickle cannot be memory-mapped; it is still loaded safely, whole, with a
 `WholeFileReadWarning`.
 
 Example:
