@@ -89,7 +89,7 @@ def _scan(
 ) -> Iterator[Entry]:
     """Each header item as an entry, checked: dtype known, shape of non-negative ints, data offsets inside
     the file and as long as the shape says."""
-    itemsizes, dtypes = DTYPE_ITEMSIZE, TORCH_DTYPES
+    itemsizes, dtypes, new = DTYPE_ITEMSIZE, TORCH_DTYPES, tuple.__new__
     # A few operations per entry: headers of MoE adapters hold tens of thousands of entries.
     for key, info in items:
         try:
@@ -105,7 +105,7 @@ def _scan(
             raise _corrupt(
                 display, f"a malformed header entry {info!r}", "dtype, shape and data_offsets", key=key
             ) from None
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+        if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size):
             raise _corrupt(
                 display,
                 f"data offsets [{begin}, {end}] past the {data_size} data bytes",
@@ -118,7 +118,8 @@ def _scan(
             )
         if dtype not in dtypes:
             torch_dtype(dtype, key=key, source=display)
-        yield Entry(key, dtype, shape, name, base + begin)
+        # Entry is a NamedTuple: building it from a tuple skips its argument parsing.
+        yield new(Entry, (key, dtype, shape, name, base + begin))
 
 
 def _corrupt(display: str, found: str, expected: str, *, key: str | None = None) -> CheckpointError:
