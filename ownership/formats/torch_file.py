@@ -154,9 +154,9 @@ class TorchFile(SingleFile):
         return offset
 
     def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
-        """Whole tensors and rows are read with their records' local headers, whose lengths torch.save makes
-        predictable: owned records that follow one another are one read, with no read of each header first. A
-        header that says otherwise has its tensor read again from where it says, and ends the predicting."""
+        """Whole tensors and rows are read in one call with their records' local headers, whose lengths
+        torch.save makes predictable, instead of reading each header first. A header that says otherwise has its
+        tensor read again from where it says, and ends the predicting for this file."""
         out: list[torch.Tensor | None] = [None] * len(requests)
         vector = VectorRead(self._reader)
         checks: list[tuple[int, Entry, TensorLayout, bytearray]] = []
