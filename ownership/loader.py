@@ -3,8 +3,9 @@
 `load(ruleset, checkpoint, mesh=..., rank=...)` plans from the checkpoint's headers and reads each owned
 selection through the checkpoint's back-end, returning the tensors under their local names with totals of bytes
 owned, read and skipped. The three overlap: entries are decided as the header is read (`iter_entries`), and two
-reader threads read owned tensors, many per system call (`read_many`), while later entries are still decided. `iter_load` yields `(local_key, tensor)` pairs one at a time, so peak memory is
-what the caller keeps plus one tensor in flight.
+reader threads read owned tensors, many per system call (`read_many`), while later entries are still decided.
+`iter_load` yields `(local_key, tensor)` pairs one at a time, so peak memory is what the caller keeps plus the
+reads in flight.
 
 With a CUDA `device`, each owned tensor is allocated once on the device and filled through a small ring of pinned
 host buffers (`ownership.staging`): reading the next chunk from the file overlaps the asynchronous copy of the
@@ -356,32 +357,31 @@ def load(
         bound = ruleset.bind(mesh=mesh, params=params, config=merge_configs(source.config, config))
         builder = PlanBuilder(bound, source.iter_entries(), rank=rank)
         stats = LoadStats()
-        if progress or (progress is None and sys.stderr.isatty()):
-            # A progress bar may be drawn, and it needs the total first.
-            plan = builder.plan()
+        finished: list[Plan] = []
+
+        def decided(plan: Plan) -> None:
             stats.bytes_total, stats.bytes_owned = plan.bytes_total, plan.bytes_owned
-            bar = _progress(stats.bytes_owned, progress)
-            loaded = _load_pairs(
-                plan.owned_entries(), source, device=device, dtype=dtype, stats=stats, bar=bar, ahead=None
-            )
-            tensors = dict(loaded)
-        else:
+            finished.append(plan)
+
+        def streamed() -> Iterator[tuple[EntryLike, Decision]]:
             # Reading starts with the first owned key while the rest are still being decided; the finished plan
             # is checked and totalled while the last reads complete.
-            finished: list[Plan] = []
+            yield from builder.owned_entries()
+            decided(builder.plan())
 
-            def pairs() -> Iterator[tuple[EntryLike, Decision]]:
-                yield from builder.owned_entries()
-                plan = builder.plan()
-                stats.bytes_total, stats.bytes_owned = plan.bytes_total, plan.bytes_owned
-                finished.append(plan)
-
-            with paused_gc():
-                loaded = _load_pairs(
-                    pairs(), source, device=device, dtype=dtype, stats=stats, bar=None, ahead=None
-                )
-                tensors = dict(loaded)
-            plan = finished[0]
+        pairs: Iterator[tuple[EntryLike, Decision]]
+        bar = None
+        if progress or (progress is None and sys.stderr.isatty()):
+            # A progress bar may be drawn, and it needs the total first.
+            decided(builder.plan())
+            pairs, bar = finished[0].owned_entries(), _progress(stats.bytes_owned, progress)
+        else:
+            pairs = streamed()
+        with paused_gc():
+            tensors = dict(
+                _load_pairs(pairs, source, device=device, dtype=dtype, stats=stats, bar=bar, ahead=None)
+            )
+        plan = finished[0]
     return LoadResult(tensors=tensors, plan=plan, stats=stats)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from math import prod
 from typing import Any, NamedTuple, Protocol
 
 from ownership.compile import BoundRuleset
@@ -84,13 +83,7 @@ class Plan:
     @property
     def bytes_total(self) -> int:
         """Bytes of every entry of the checkpoint (0 where dtype or shape is unknown)."""
-        # Inline: a checkpoint can hold tens of thousands of entries, and loads report this total.
-        total = 0
-        for entry in self.entries:
-            dtype, shape = entry.dtype, entry.shape
-            if dtype is not None and shape is not None:
-                total += prod(shape) * dtype_itemsize(dtype)
-        return total
+        return sum(entry_nbytes(e) or 0 for e in self.entries)
 
     @property
     def bytes_owned(self) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ownership.formats import TorchFile
-from ownership.formats.torch_layout import tensor_layout
+from ownership.formats.torch_layout import read_pickle
 
 DTYPES = [
     torch.float32,
@@ -30,7 +30,7 @@ def test_layout_reads_match_torch_load(tmp_path: Path, dtype: torch.dtype) -> No
     path = tmp_path / "w.bin"
     # A view into a shared storage exercises the storage offset.
     torch.save({"full": full, "tail": full[2:], "scalar": full[0, 0].clone()}, path)
-    assert tensor_layout(path) is not None
+    _assert_all_located(path)
     with TorchFile(path) as ckpt:
         assert all(ckpt.data_offset(entry.key) is not None for entry in ckpt.entries())
         assert torch.equal(ckpt.read("full"), full)
@@ -42,7 +42,8 @@ def test_non_contiguous_tensors_fall_back_to_torch_load(tmp_path: Path) -> None:
     full = torch.arange(12.0).reshape(3, 4)
     path = tmp_path / "t.bin"
     torch.save({"t": full.t()}, path)
-    assert tensor_layout(path) is None
+    state = read_pickle(path)
+    assert state is not None and state.location("t") is None
     with TorchFile(path) as ckpt:
         assert ckpt.data_offset("t") is None
         assert torch.equal(ckpt.read("t", (((1, 3, 1),), None)), full.t()[1:3])
@@ -50,4 +51,11 @@ def test_non_contiguous_tensors_fall_back_to_torch_load(tmp_path: Path) -> None:
 
 def test_fixture_bins_take_the_fast_path(fixtures: Path) -> None:
     for path in fixtures.rglob("*.bin"):
-        assert tensor_layout(path) is not None, path
+        _assert_all_located(path)
+
+
+def _assert_all_located(path: Path) -> None:
+    """Every tensor of the file is placed from its pickle, none left to torch.load."""
+    state = read_pickle(path)
+    assert state is not None, path
+    assert all(state.location(key) is not None for key in state.tensors), path

@@ -59,10 +59,14 @@ from ownership.selection import (
     selection_shape,
 )
 
-__all__ = ["ReadRequest", "RowReader", "VectorRead", "bytes_of", "read_fully", "read_vectored"]
+__all__ = ["Prelude", "ReadRequest", "RowReader", "read_fully", "read_vectored"]
 
 ReadRequest: TypeAlias = tuple[int, torch.dtype, tuple[int, ...], Selection]
 """`(offset, dtype, shape, selection)`: a tensor's first byte in the file, its dtype and shape, what to read."""
+
+Prelude: TypeAlias = tuple[int, bytearray]
+"""`(position, buffer)`: metadata to read into `buffer` from `position` in the same pass as a tensor's bytes (a
+zip record's local header, just before its data); not counted as tensor bytes."""
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -118,13 +122,19 @@ class RowReader:
         """The selected elements of the tensor of `shape` whose bytes start at `offset`."""
         return self.read_many([(offset, dtype, shape, selection)])[0]
 
-    def read_many(self, requests: Sequence[ReadRequest]) -> list[torch.Tensor]:
+    def read_many(
+        self, requests: Sequence[ReadRequest], *, preludes: Sequence[Prelude | None] | None = None
+    ) -> list[torch.Tensor]:
         """`read` of each `(offset, dtype, shape, selection)`, with one `preadv` for owned bytes that lie back
         to back in the file, across tensors (an expert's keys, say): each system call is a point where a reader
-        thread waits for the interpreter lock, so a batch of small tensors costs a few calls, not one each."""
-        vector = VectorRead(self)
+        thread waits for the interpreter lock, so a batch of small tensors costs a few calls, not one each.
+        `preludes[i]`, where given, is read in the same pass, just before request i."""
+        vector = _Vector(self)
         out: list[torch.Tensor] = []
-        for offset, dtype, shape, selection in requests:
+        for i, (offset, dtype, shape, selection) in enumerate(requests):
+            prelude = preludes[i] if preludes is not None else None
+            if prelude is not None:
+                vector.add(prelude[0], memoryview(prelude[1]), counted=False)
             # Each result is allocated once (a scalar as one element: its bytes cannot be viewed as a 0-dim
             # tensor); owned bytes land in it directly, or through this thread's staging.
             tensor = torch.empty(selection_shape(selection, shape) or (1,), dtype=dtype)
@@ -133,7 +143,7 @@ class RowReader:
                 self._read_cut(tensor, offset=offset, shape=shape, selection=selection)
             else:
                 # Whole tensors and rows of the first dim (most keys of most loads): no plan needed.
-                view, position = bytes_of(tensor), 0
+                view, position = _bytes_of(tensor), 0
                 for lo, hi in spans:
                     vector.add(offset + lo, view[position : position + hi - lo])
                     position += hi - lo
@@ -155,7 +165,7 @@ class RowReader:
                 target.copy_(level[step.copy_from : step.copy_from + 1])
             elif step.staged is None:
                 self._count(
-                    self._spans(bytes_of(target), offset=offset + step.offset, spans=step.spans, packed=True)
+                    self._spans(_bytes_of(target), offset=offset + step.offset, spans=step.spans, packed=True)
                 )
             else:
                 window, within = step.staged
@@ -193,7 +203,7 @@ class RowReader:
             self.stats.bytes_read += nbytes
 
 
-class VectorRead:
+class _Vector:
     """Destinations of byte runs that follow one another in the file, read by one `preadv` when flushed.
 
     Views added with `counted=False` hold metadata read along with tensor bytes (a zip record's header); they
@@ -223,7 +233,7 @@ class VectorRead:
             self.views, self.uncounted = [], 0
 
 
-def bytes_of(tensor: torch.Tensor) -> memoryview:
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
     """The memory of a contiguous CPU tensor, as bytes, valid while the tensor lives."""
     # Through ctypes: a third of the cost of a uint8 view's numpy array, paid per tensor read.
     return memoryview(

@@ -24,15 +24,9 @@ from ownership.formats.entry import TORCH_DTYPES, Entry, torch_dtype
 from ownership.formats.single import SingleFile
 from ownership.gcpause import paused_gc
 
-__all__ = ["SafetensorsFile", "read_header"]
+__all__ = ["SafetensorsFile"]
 
 _MAX_HEADER = 100 * 2**20
-
-
-def read_header(path: Path, *, display: str) -> list[Entry]:
-    """Entries in file order, each with the absolute offset of its bytes; every range checked against the file."""
-    with paused_gc():
-        return list(_scan(*_parse(path, display=display), display=display))
 
 
 def _parse(path: Path, *, display: str) -> tuple[list[tuple[str, Any]], int, int, str]:

@@ -30,7 +30,7 @@ import torch
 
 from ownership.errors import CheckpointError
 from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, torch_dtype
-from ownership.formats.rows import ReadRequest, RowReader
+from ownership.formats.rows import Prelude, ReadRequest, RowReader
 from ownership.gcpause import paused_gc
 from ownership.selection import Selection
 
@@ -43,7 +43,7 @@ _STEP = 256
 
 class SingleFile(Checkpoint):
     """A checkpoint stored in one file; subclasses read its header (`_open`) and say where a tensor's bytes
-    start (`_data_offset`)."""
+    start (`_locate`)."""
 
     def __init__(
         self,
@@ -68,9 +68,14 @@ class SingleFile(Checkpoint):
         """Read and check the header's framing now; return an iterator that makes and checks each entry, in
         file order. Called once, by `__init__`."""
 
-    def _data_offset(self, entry: Entry) -> int | None:
-        """Where the entry's bytes start, row-major; None where the back-end reads it another way (`read`)."""
-        return entry.offset
+    def _locate(self, entry: Entry) -> tuple[int | None, Prelude | None]:
+        """Where the entry's bytes start, row-major (None where the back-end reads it another way,
+        `_read_other`), and metadata to read along with them, which `_confirm` then checks."""
+        return entry.offset, None
+
+    def _confirm(self, entry: Entry, offset: int, prelude: Prelude) -> int | None:
+        """After a read with a prelude: None where it confirms `offset`, else where the bytes really start."""
+        return None
 
     def iter_entries(self) -> Iterator[Entry]:
         position = 0
@@ -123,20 +128,26 @@ class SingleFile(Checkpoint):
     def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = []
         located: list[ReadRequest] = []
-        slots: list[int] = []
+        preludes: list[Prelude | None] = []
+        pending: list[tuple[int, Entry]] = []
         for key, selection in requests:
             entry = self._checked(key, selection)
-            offset = self._data_offset(entry)
+            offset, prelude = self._locate(entry)
             if offset is None:
                 out.append(self._read_other(entry, selection))
                 continue
-            slots.append(len(out))
+            pending.append((len(out), entry))
             out.append(None)
             located.append(
                 (offset, torch_dtype(entry.dtype, key=key, source=self.display), entry.shape, selection)
             )
-        for slot, tensor in zip(slots, self._reader.read_many(located), strict=True):
-            out[slot] = tensor
+            preludes.append(prelude)
+        tensors = self._reader.read_many(located, preludes=preludes)
+        for (slot, entry), request, prelude, tensor in zip(pending, located, preludes, tensors, strict=True):
+            offset, dtype, shape, selection = request
+            moved = None if prelude is None else self._confirm(entry, offset, prelude)
+            # A prelude that says the bytes lie elsewhere: read them again from there.
+            out[slot] = tensor if moved is None else self._reader.read(moved, dtype, shape, selection)
         return out  # type: ignore[return-value]  # every slot is filled
 
     def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:

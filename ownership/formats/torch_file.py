@@ -22,18 +22,18 @@ from __future__ import annotations
 import pickle
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import TORCH_DTYPES, Entry, dtype_name
-from ownership.formats.rows import VectorRead, bytes_of
+from ownership.formats.entry import Entry, dtype_name
+from ownership.formats.rows import Prelude
 from ownership.formats.single import SingleFile
 from ownership.formats.take import take
-from ownership.formats.torch_layout import PickledState, TensorLayout, data_offset_from, read_pickle
-from ownership.selection import Selection, row_byte_spans, selection_read_count, selection_shape
+from ownership.formats.torch_layout import PickledState, data_offset_from, read_pickle
+from ownership.selection import Selection, selection_read_count
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
 
@@ -140,58 +140,34 @@ class TorchFile(SingleFile):
 
     def data_offset(self, key: str) -> int | None:
         """File offset of a tensor's first byte, or None where it is not stored row-major and uncompressed."""
-        return self._data_offset(self._by_key.get(key) or self.entry(key))
-
-    def _data_offset(self, entry: Entry) -> int | None:
+        entry = self._by_key.get(key) or self.entry(key)
         key = entry.key
-        if key in self._offsets:
-            return self._offsets[key]
-        where = None if self._pickled is None else self._pickled.location(key)
-        offset = None
-        if where is not None:
-            offset = data_offset_from(self._reader.peek(where.record, 30), where.record) + where.within
-        self._offsets[key] = offset
-        return offset
+        if key not in self._offsets:
+            where = None if self._pickled is None else self._pickled.location(key)
+            offset = None
+            if where is not None:
+                offset = data_offset_from(self._reader.peek(where.record, 30), where.record) + where.within
+            self._offsets[key] = offset
+        return self._offsets[key]
 
-    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
-        """Whole tensors and rows are read in one call with their records' local headers, whose lengths
-        torch.save makes predictable, instead of reading each header first. A header that says otherwise has its
-        tensor read again from where it says, and ends the predicting for this file."""
-        out: list[torch.Tensor | None] = [None] * len(requests)
-        vector = VectorRead(self._reader)
-        checks: list[tuple[int, Entry, TensorLayout, bytearray]] = []
-        others: list[int] = []
-        for slot, (key, selection) in enumerate(requests):
-            entry = self._checked(key, selection)
-            where = self._pickled.location(key) if self._predicting and self._pickled is not None else None
-            dtype = TORCH_DTYPES.get(entry.dtype)
-            spans = None
-            if where is not None and dtype is not None and key not in self._offsets:
-                spans = row_byte_spans(selection, shape=entry.shape, itemsize=dtype.itemsize)
-            if where is None or dtype is None or spans is None:
-                others.append(slot)
-                continue
-            header = bytearray(where.header)
-            vector.add(where.record, memoryview(header), counted=False)
-            tensor = torch.empty(selection_shape(selection, entry.shape) or (1,), dtype=dtype)
-            view, position, data = bytes_of(tensor), 0, where.record + where.header + where.within
-            for lo, hi in spans:
-                vector.add(data + lo, view[position : position + hi - lo])
-                position += hi - lo
-            out[slot] = tensor if entry.shape else tensor.reshape(())
-            checks.append((slot, entry, where, header))
-        vector.flush()
-        for slot, entry, where, header in checks:
-            if _header_holds(header, where):
-                self._offsets[entry.key] = where.record + where.header + where.within
-                continue
-            self._predicting = False
-            others.append(slot)
-        if others:
-            others.sort()
-            for slot, tensor in zip(others, super().read_many([requests[i] for i in others]), strict=True):
-                out[slot] = tensor
-        return out  # type: ignore[return-value]  # every slot is filled
+    def _locate(self, entry: Entry) -> tuple[int | None, Prelude | None]:
+        # A record's local header is read in the same call as its data, at the length torch.save gives it,
+        # instead of being read first (`_confirm` checks it).
+        where = None
+        if self._predicting and self._pickled is not None and entry.key not in self._offsets:
+            where = self._pickled.location(entry.key)
+        if where is None:
+            return self.data_offset(entry.key), None
+        return where.record + where.header + where.within, (where.record, bytearray(where.header))
+
+    def _confirm(self, entry: Entry, offset: int, prelude: Prelude) -> int | None:
+        record, header = prelude
+        if _header_holds(header, record=record):
+            self._offsets[entry.key] = offset
+            return None
+        # Not as torch.save writes it: this file's headers are read before their data from now on.
+        self._predicting = False
+        return self.data_offset(entry.key)
 
     def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
         # Through torch.load(mmap=True): the mapped file's pages are touched only for the selection.
@@ -208,12 +184,12 @@ class TorchFile(SingleFile):
         return take(tensor, selection)
 
 
-def _header_holds(header: bytearray, where: TensorLayout) -> bool:
-    """Whether a record's local header, read with its data, is as long as predicted."""
+def _header_holds(header: bytearray, *, record: int) -> bool:
+    """Whether a record's local header, read with its data, is as long as predicted (`len(header)`)."""
     if len(header) < 30:
         return False
     try:
-        return data_offset_from(bytes(header[:30]), where.record) == where.record + where.header
+        return data_offset_from(bytes(header[:30]), record) == record + len(header)
     except zipfile.BadZipFile:
         return False
 

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 from ownership.gcpause import paused_gc
 
-__all__ = ["PickledState", "TensorLayout", "data_offset", "data_offset_from", "read_pickle", "tensor_layout"]
+__all__ = ["PickledState", "TensorLayout", "data_offset", "data_offset_from", "read_pickle"]
 
 _STORAGE_DTYPES = {
     "DoubleStorage": ("F64", 8),
@@ -247,7 +247,7 @@ class PickledState:
         if not _contiguous(tensor.shape, tensor.stride) or tensor.storage_offset + numel > tensor.numel:
             return None
         within = tensor.storage_offset * tensor.itemsize
-        name_length = len(self.prefix) + len(tensor.storage.encode())
+        name_length = len((self.prefix + tensor.storage).encode())
         return TensorLayout(tensor.dtype, tensor.shape, record[0], within, _header(record[0], name_length))
 
 
@@ -269,24 +269,6 @@ def read_pickle(path: Path) -> PickledState | None:
     (then `torch.load(weights_only=True)` must judge it)."""
     with paused_gc():
         return _read_pickle(path)
-
-
-def tensor_layout(path: Path) -> dict[str, TensorLayout] | None:
-    """Layout of every tensor of a flat state dict saved by `torch.save`, or None where one cannot be told."""
-    state = read_pickle(path)
-    if state is None:
-        return None
-    layout: dict[str, TensorLayout] = {}
-    for key in state.tensors:
-        try:
-            state.dtype_shape(key)
-        except ValueError:
-            return None
-        where = state.location(key)
-        if where is None:
-            return None
-        layout[key] = where
-    return layout
 
 
 def _read_pickle(path: Path) -> PickledState | None:
