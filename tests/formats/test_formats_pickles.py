@@ -6,6 +6,7 @@ import builtins
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,28 @@ def test_legacy_pickle_torch_cannot_read_back(tmp_path: Path) -> None:
         tmp_path / "old.pt", tensors={"w": torch.zeros(2, dtype=torch.float8_e4m3fn)}, legacy=True
     )
     assert _error(path).startswith(f"{path}: cannot read the PyTorch checkpoint: found ")
+
+
+class NegativeShape:
+    """Pickles to a real `_rebuild_tensor_v2` call whose shape no tensor can have."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        storage = torch.storage.TypedStorage(
+            wrap_storage=self.tensor.untyped_storage(), dtype=torch.float32, _internal=True
+        )
+        return (torch._utils._rebuild_tensor_v2, (storage, 0, (2, -2), (2, 1), False, OrderedDict()))
+
+
+def test_tensor_record_with_a_negative_size(tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    weight = torch.zeros(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated; torch.save still writes it
+        torch.save({"w": weight, "bad": NegativeShape(weight)}, path)
+    assert _error(path) == (
+        f"{path}: key 'bad': cannot read the PyTorch checkpoint: found shape (2, -2), expected a tensor record as "
+        "torch.save writes it. Fix: re-download or re-save the file"
+    )
