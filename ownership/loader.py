@@ -2,8 +2,9 @@
 
 `load(ruleset, checkpoint, mesh=..., rank=...)` plans from the checkpoint's headers and reads each owned
 selection through the checkpoint's back-end, returning the tensors under their local names with totals of bytes
-owned, read and skipped. The three overlap: entries are decided as the header is read (`iter_entries`), and two
-reader threads read owned tensors, many per system call (`read_many`), while later entries are still decided.
+owned, read and skipped. The three overlap: entries are decided as the header is read (`iter_entries`); the
+loading thread makes each batch of owned tensors and plans its reads (`prepare_many`), and two reader threads
+read them, many per system call, while later entries are still decided.
 `iter_load` yields `(local_key, tensor)` pairs one at a time, so peak memory is what the caller keeps plus the
 reads in flight.
 
@@ -43,7 +44,7 @@ import torch
 from ownership.decision import Decision
 from ownership.errors import CheckpointError
 from ownership.formats import Checkpoint, open_checkpoint
-from ownership.formats.entry import check_selection, torch_dtype
+from ownership.formats.entry import PendingRead, check_selection, torch_dtype
 from ownership.gcpause import paused_gc
 from ownership.plan import EntryLike, Plan, PlanBuilder, entry_nbytes
 from ownership.ruleset import MeshLike, Ruleset, merge_configs
@@ -276,46 +277,53 @@ def _prefetched(
 ) -> Iterator[tuple[EntryLike, Decision, torch.Tensor]]:
     """Owned tensors in plan order, read by two threads ahead of the consumer.
 
-    Reads copy from storage or the page cache with the GIL released, so a second reader overlaps the Python
-    work of the first, and of whoever produces `pairs` (a plan still being decided). Small tensors go in batches
-    of about `_BATCH_BYTES`, so that handing work to a thread costs little next to the work. At most `ahead`
+    Small tensors go in batches of about `_BATCH_BYTES`. This thread makes each batch's tensors and plans its
+    reads (`prepare_many`); a reader thread only reads, with the interpreter lock released, so the reads overlap
+    the Python work of this thread and of whoever produces `pairs` (a plan still being decided). At most `ahead`
     bytes are read before the consumer takes them, which bounds memory for a consumer that drops tensors; one
     that keeps them all (`load`) passes None, so that deciding the rest of the plan never waits for reads.
     """
     with ThreadPoolExecutor(max_workers=_READERS, thread_name_prefix="ownership-read") as pool:
-        pending: deque[tuple[int, Future[list[tuple[EntryLike, Decision, torch.Tensor]]]]] = deque()
+        pending: deque[tuple[int, _Batch, PendingRead, Future[None]]] = deque()
         queued = 0
         batch: _Batch = []
         size = 0
+
+        def submit() -> None:
+            nonlocal queued
+            prepared = checkpoint.prepare_many([(entry.key, decision.selection) for entry, decision in batch])
+            pending.append((size, batch, prepared, pool.submit(prepared.run)))
+            queued += size
+
+        def handed() -> Iterator[tuple[EntryLike, Decision, torch.Tensor]]:
+            nonlocal queued
+            done, items, prepared, future = pending.popleft()
+            queued -= done
+            future.result()
+            for (entry, decision), tensor in zip(items, prepared.result(), strict=True):
+                yield entry, decision, tensor
+
         try:
             for entry, decision in pairs:
                 batch.append((entry, decision))
                 size += entry_nbytes(entry, decision) or 0
                 if size < _BATCH_BYTES:
                     continue
-                pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
-                queued += size
+                submit()
                 batch, size = [], 0
                 # Hand over what is read; wait only when too far ahead.
-                while pending and ((ahead is not None and queued >= ahead) or pending[0][1].done()):
-                    done, future = pending.popleft()
-                    queued -= done
-                    yield from future.result()
+                while pending and ((ahead is not None and queued >= ahead) or pending[0][3].done()):
+                    yield from handed()
             if batch:
-                pending.append((size, pool.submit(_read_batch, checkpoint, batch)))
+                submit()
             while pending:
-                yield from pending.popleft()[1].result()
+                yield from handed()
         finally:
-            for _, future in pending:
+            for *_, future in pending:
                 future.cancel()
 
 
 _Batch = list[tuple[EntryLike, Decision]]
-
-
-def _read_batch(checkpoint: Checkpoint, batch: _Batch) -> list[tuple[EntryLike, Decision, torch.Tensor]]:
-    tensors = checkpoint.read_many([(entry.key, decision.selection) for entry, decision in batch])
-    return [(entry, decision, tensor) for (entry, decision), tensor in zip(batch, tensors, strict=True)]
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype, *, key: str) -> torch.Tensor:
@@ -353,7 +361,8 @@ def load(
     Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys, with
     `config` (for an adapter, its base model's config.json) laid over it.
     """
-    with open_checkpoint(checkpoint) as source:
+    # One pause of the cyclic collector for the whole load: the header's objects are collected once, after.
+    with paused_gc(), open_checkpoint(checkpoint) as source:
         bound = ruleset.bind(mesh=mesh, params=params, config=merge_configs(source.config, config))
         builder = PlanBuilder(bound, source.iter_entries(), rank=rank)
         stats = LoadStats()
@@ -377,10 +386,9 @@ def load(
             pairs, bar = finished[0].owned_entries(), _progress(stats.bytes_owned, progress)
         else:
             pairs = streamed()
-        with paused_gc():
-            tensors = dict(
-                _load_pairs(pairs, source, device=device, dtype=dtype, stats=stats, bar=bar, ahead=None)
-            )
+        tensors = dict(
+            _load_pairs(pairs, source, device=device, dtype=dtype, stats=stats, bar=bar, ahead=None)
+        )
         plan = finished[0]
     return LoadResult(tensors=tensors, plan=plan, stats=stats)
 

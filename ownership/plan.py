@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any, NamedTuple, Protocol
 
 from ownership.compile import BoundRuleset
@@ -83,7 +84,13 @@ class Plan:
     @property
     def bytes_total(self) -> int:
         """Bytes of every entry of the checkpoint (0 where dtype or shape is unknown)."""
-        return sum(entry_nbytes(e) or 0 for e in self.entries)
+        # Once per entry of a checkpoint that may hold tens of thousands: no selection to apply.
+        total = 0
+        for entry in self.entries:
+            dtype, shape = entry.dtype, entry.shape
+            if dtype is not None and shape is not None:
+                total += prod(shape) * dtype_itemsize(dtype)
+        return total
 
     @property
     def bytes_owned(self) -> int:

@@ -25,7 +25,16 @@ from ownership.dtypes import dtype_itemsize
 from ownership.errors import CheckpointError
 from ownership.selection import Selection
 
-__all__ = ["TORCH_DTYPES", "Checkpoint", "Entry", "ReadStats", "check_selection", "dtype_name", "torch_dtype"]
+__all__ = [
+    "TORCH_DTYPES",
+    "Checkpoint",
+    "Entry",
+    "PendingRead",
+    "ReadStats",
+    "check_selection",
+    "dtype_name",
+    "torch_dtype",
+]
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -162,6 +171,15 @@ class Checkpoint(ABC):
         """`read` of each `(key, selection)`, in order; back-ends read bytes that lie back to back in one call."""
         return [self.read(key, selection) for key, selection in requests]
 
+    def prepare_many(self, requests: Sequence[tuple[str, Selection]]) -> PendingRead:
+        """`read_many` in two steps, for a loader that reads on other threads: this thread makes the tensors and
+        plans the reads, `run()` reads, on any thread, and `result()` hands the tensors over, back here.
+
+        Back-ends that make tensors here leave `run()` a few system calls, so a reader thread seldom waits for
+        the interpreter lock; this default does all of `read_many` in `run()`.
+        """
+        return _ReadLater(self, requests)
+
     def close(self) -> None:  # noqa: B027 - optional: back-ends without open files keep the default
         """Release open files."""
 
@@ -189,3 +207,29 @@ class Checkpoint(ABC):
                 found=f"{len(index)} keys, not this one",
                 fix="list the keys with `ownership plan --all-ranks`, or check the spelling",
             ) from None
+
+
+class PendingRead(ABC):
+    """Reads prepared by `Checkpoint.prepare_many`."""
+
+    @abstractmethod
+    def run(self) -> None:
+        """Do the reads; on any thread, once."""
+
+    @abstractmethod
+    def result(self) -> list[torch.Tensor]:
+        """The tensors, once `run()` has returned; on the thread that prepared them."""
+
+
+class _ReadLater(PendingRead):
+    def __init__(self, checkpoint: Checkpoint, requests: Sequence[tuple[str, Selection]]) -> None:
+        self.checkpoint = checkpoint
+        self.requests = requests
+        self.tensors: list[torch.Tensor] | None = None
+
+    def run(self) -> None:
+        self.tensors = self.checkpoint.read_many(self.requests)
+
+    def result(self) -> list[torch.Tensor]:
+        assert self.tensors is not None, "run() first"
+        return self.tensors

@@ -41,6 +41,7 @@ import os
 import threading
 from collections.abc import Sequence
 from math import prod
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
 
@@ -59,7 +60,7 @@ from ownership.selection import (
     selection_shape,
 )
 
-__all__ = ["Prelude", "ReadRequest", "RowReader", "read_fully", "read_vectored"]
+__all__ = ["PendingReads", "Prelude", "ReadRequest", "RowReader", "read_fully", "read_vectored"]
 
 ReadRequest: TypeAlias = tuple[int, torch.dtype, tuple[int, ...], Selection]
 """`(offset, dtype, shape, selection)`: a tensor's first byte in the file, its dtype and shape, what to read."""
@@ -125,31 +126,42 @@ class RowReader:
     def read_many(
         self, requests: Sequence[ReadRequest], *, preludes: Sequence[Prelude | None] | None = None
     ) -> list[torch.Tensor]:
-        """`read` of each `(offset, dtype, shape, selection)`, with one `preadv` for owned bytes that lie back
-        to back in the file, across tensors (an expert's keys, say): each system call is a point where a reader
-        thread waits for the interpreter lock, so a batch of small tensors costs a few calls, not one each.
-        `preludes[i]`, where given, is read in the same pass, just before request i."""
-        vector = _Vector(self)
+        """`read` of each `(offset, dtype, shape, selection)` (`prepare`, then its reads)."""
+        pending = self.prepare(requests, preludes=preludes)
+        pending.run()
+        return pending.tensors
+
+    def prepare(
+        self, requests: Sequence[ReadRequest], *, preludes: Sequence[Prelude | None] | None = None
+    ) -> PendingReads:
+        """Allocate the results of `read_many` and plan their reads, to `run` later, on any thread.
+
+        Owned bytes that lie back to back in the file, across tensors (an expert's keys, say), are one `preadv`.
+        `preludes[i]`, where given, is read in the same pass, just before request i.
+        """
+        runs: list[tuple[int, memoryview, bool]] = []
+        cuts: list[tuple[torch.Tensor, int, tuple[int, ...], Selection]] = []
         out: list[torch.Tensor] = []
         for i, (offset, dtype, shape, selection) in enumerate(requests):
             prelude = preludes[i] if preludes is not None else None
             if prelude is not None:
-                vector.add(prelude[0], memoryview(prelude[1]), counted=False)
+                runs.append((prelude[0], memoryview(prelude[1]), False))
             # Each result is allocated once (a scalar as one element: its bytes cannot be viewed as a 0-dim
-            # tensor); owned bytes land in it directly, or through this thread's staging.
+            # tensor); owned bytes land in it directly, or through the reading thread's staging.
             tensor = torch.empty(selection_shape(selection, shape) or (1,), dtype=dtype)
             spans = row_byte_spans(selection, shape=shape, itemsize=dtype.itemsize)
             if spans is None:
-                self._read_cut(tensor, offset=offset, shape=shape, selection=selection)
+                cuts.append((tensor, offset, shape, selection))
             else:
                 # Whole tensors and rows of the first dim (most keys of most loads): no plan needed.
                 view, position = _bytes_of(tensor), 0
                 for lo, hi in spans:
-                    vector.add(offset + lo, view[position : position + hi - lo])
+                    runs.append((offset + lo, view[position : position + hi - lo], True))
                     position += hi - lo
             out.append(tensor if shape else tensor.reshape(()))
-        vector.flush()
-        return out
+        # In file order, so that runs a request order would interleave (zip records) are read together.
+        runs.sort(key=itemgetter(0))
+        return PendingReads(self, requests, out, _stretches(runs), cuts)
 
     def _read_cut(
         self, out: torch.Tensor, *, offset: int, shape: tuple[int, ...], selection: Selection
@@ -203,34 +215,63 @@ class RowReader:
             self.stats.bytes_read += nbytes
 
 
-class _Vector:
-    """Destinations of byte runs that follow one another in the file, read by one `preadv` when flushed.
+class PendingReads:
+    """Tensors allocated by `RowReader.prepare`, and the reads that fill them (`run`).
 
-    Views added with `counted=False` hold metadata read along with tensor bytes (a zip record's header); they
-    are not counted as tensor bytes read.
+    Everything that makes tensors is done by `prepare`; `run` only reads, a `preadv` per stretch of the file, so
+    a thread that runs it waits for the interpreter lock a few times per batch. That matters: a thread that
+    gives the lock up (as every torch call does) and takes it back while another thread runs Python waits up
+    to the switch interval (5 ms) each time.
     """
 
-    def __init__(self, reader: RowReader) -> None:
+    def __init__(
+        self,
+        reader: RowReader,
+        requests: Sequence[ReadRequest],
+        tensors: list[torch.Tensor],
+        stretches: list[_Stretch],
+        cuts: list[tuple[torch.Tensor, int, tuple[int, ...], Selection]],
+    ) -> None:
         self.reader = reader
-        self.start = self.end = 0
-        self.views: list[memoryview] = []
-        self.uncounted = 0
+        self.requests = requests
+        self.tensors = tensors
+        self.stretches = stretches
+        self.cuts = cuts
 
-    def add(self, offset: int, view: memoryview, *, counted: bool = True) -> None:
-        if not (self.views and offset == self.end and len(self.views) < _IOV_MAX):
-            self.flush()
-            self.start = self.end = offset
-        self.views.append(view)
-        self.end += len(view)
-        if not counted:
-            self.uncounted += len(view)
+    def run(self) -> None:
+        """Read every tensor's bytes; safe on any thread, once."""
+        reader = self.reader
+        fd, counted = reader._fd(), 0
+        for start, views, nbytes in self.stretches:
+            read_vectored(fd, views, start, display=reader.display)
+            counted += nbytes
+        reader._count(counted)
+        for tensor, offset, shape, selection in self.cuts:
+            reader._read_cut(tensor, offset=offset, shape=shape, selection=selection)
 
-    def flush(self) -> None:
-        if self.views:
-            reader = self.reader
-            read_vectored(reader._fd(), self.views, self.start, display=reader.display)
-            reader._count(self.end - self.start - self.uncounted)
-            self.views, self.uncounted = [], 0
+
+_Stretch: TypeAlias = tuple[int, list[memoryview], int]
+"""`(offset, views, counted)`: consecutive bytes of the file from `offset` into `views`, one `preadv`; `counted`
+of them are tensor bytes (the rest is metadata read along, a zip record's header)."""
+
+
+def _stretches(runs: Sequence[tuple[int, memoryview, bool]]) -> list[_Stretch]:
+    """Runs `(offset, view, counted)` in file order, joined where one starts at the previous one's end."""
+    out: list[_Stretch] = []
+    views: list[memoryview] = []
+    start = end = counted = 0
+    for offset, view, is_data in runs:
+        if not (views and offset == end and len(views) < _IOV_MAX):
+            if views:
+                out.append((start, views, counted))
+            views, start, end, counted = [], offset, offset, 0
+        views.append(view)
+        end += len(view)
+        if is_data:
+            counted += len(view)
+    if views:
+        out.append((start, views, counted))
+    return out
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry
+from ownership.formats.entry import Checkpoint, Entry, PendingRead
 from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.torch_file import TorchFile
 from ownership.selection import Selection
@@ -154,15 +154,20 @@ class ShardedCheckpoint(Checkpoint):
         return self.read_many([(key, selection)])[0]
 
     def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
+        pending = self.prepare_many(requests)
+        pending.run()
+        return pending.result()
+
+    def prepare_many(self, requests: Sequence[tuple[str, Selection]]) -> PendingRead:
+        parts: list[PendingRead] = []
         # Runs of keys in one shard go to that shard together.
         for name, group in groupby(requests, key=lambda request: self._weight_map.get(request[0])):
             run = list(group)
             if name is None:
                 self.entry(run[0][0])
                 raise AssertionError("unreachable")  # pragma: no cover
-            out += self._shard(name).read_many(run)
-        return out
+            parts.append(self._shard(name).prepare_many(run))
+        return _Parts(parts)
 
     def close(self) -> None:
         for shard in self._shards.values():
@@ -178,3 +183,17 @@ def _escapes(name: str) -> bool:
     """
     normal = posixpath.normpath(name.replace("\\", "/"))
     return posixpath.isabs(normal) or normal == ".." or normal.startswith("../")
+
+
+class _Parts(PendingRead):
+    """Reads prepared shard by shard, in request order."""
+
+    def __init__(self, parts: list[PendingRead]) -> None:
+        self.parts = parts
+
+    def run(self) -> None:
+        for part in self.parts:
+            part.run()
+
+    def result(self) -> list[torch.Tensor]:
+        return [tensor for part in self.parts for tensor in part.result()]

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, ReadStats, check_selection, torch_dtype
-from ownership.formats.rows import Prelude, ReadRequest, RowReader
+from ownership.formats.entry import Checkpoint, Entry, PendingRead, ReadStats, check_selection, torch_dtype
+from ownership.formats.rows import PendingReads, Prelude, ReadRequest, RowReader
 from ownership.gcpause import paused_gc
 from ownership.selection import Selection
 
@@ -126,29 +126,27 @@ class SingleFile(Checkpoint):
         return self.read_many([(key, selection)])[0]
 
     def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
-        out: list[torch.Tensor | None] = []
+        pending = self.prepare_many(requests)
+        pending.run()
+        return pending.result()
+
+    def prepare_many(self, requests: Sequence[tuple[str, Selection]]) -> PendingRead:
         located: list[ReadRequest] = []
         preludes: list[Prelude | None] = []
-        pending: list[tuple[int, Entry]] = []
-        for key, selection in requests:
+        entries: list[Entry] = []
+        others: list[tuple[int, Entry, Selection]] = []
+        for slot, (key, selection) in enumerate(requests):
             entry = self._checked(key, selection)
             offset, prelude = self._locate(entry)
             if offset is None:
-                out.append(self._read_other(entry, selection))
+                others.append((slot, entry, selection))
                 continue
-            pending.append((len(out), entry))
-            out.append(None)
+            entries.append(entry)
             located.append(
                 (offset, torch_dtype(entry.dtype, key=key, source=self.display), entry.shape, selection)
             )
             preludes.append(prelude)
-        tensors = self._reader.read_many(located, preludes=preludes)
-        for (slot, entry), request, prelude, tensor in zip(pending, located, preludes, tensors, strict=True):
-            offset, dtype, shape, selection = request
-            moved = None if prelude is None else self._confirm(entry, offset, prelude)
-            # A prelude that says the bytes lie elsewhere: read them again from there.
-            out[slot] = tensor if moved is None else self._reader.read(moved, dtype, shape, selection)
-        return out  # type: ignore[return-value]  # every slot is filled
+        return _Pending(self, self._reader.prepare(located, preludes=preludes), entries, preludes, others)
 
     def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
         """Read an entry that has no data offset; back-ends whose entries all have one never get here."""
@@ -158,3 +156,41 @@ class SingleFile(Checkpoint):
             key=entry.key,
             fix="re-save the checkpoint as safetensors",
         )
+
+
+class _Pending(PendingRead):
+    """A one-file `prepare_many`: row-major reads in one `PendingReads`; the rest (`others`) in `run()`."""
+
+    def __init__(
+        self,
+        file: SingleFile,
+        reads: PendingReads,
+        entries: list[Entry],
+        preludes: list[Prelude | None],
+        others: list[tuple[int, Entry, Selection]],
+    ) -> None:
+        self.file = file
+        self.reads = reads
+        self.entries = entries
+        self.preludes = preludes
+        self.others = others
+        self.other_tensors: list[torch.Tensor] = []
+
+    def run(self) -> None:
+        self.reads.run()
+        self.other_tensors = [self.file._read_other(entry, selection) for _, entry, selection in self.others]
+
+    def result(self) -> list[torch.Tensor]:
+        file = self.file
+        out: list[torch.Tensor] = []
+        reads = self.reads
+        for entry, tensor, prelude, request in zip(
+            self.entries, reads.tensors, self.preludes, reads.requests, strict=True
+        ):
+            offset, dtype, shape, selection = request
+            moved = None if prelude is None else file._confirm(entry, offset, prelude)
+            # A prelude that says the bytes lie elsewhere: read them again from there.
+            out.append(tensor if moved is None else file._reader.read(moved, dtype, shape, selection))
+        for (slot, _, _), tensor in zip(self.others, self.other_tensors, strict=True):
+            out.insert(slot, tensor)
+        return out

@@ -152,16 +152,22 @@ class TorchFile(SingleFile):
 
     def _locate(self, entry: Entry) -> tuple[int | None, Prelude | None]:
         # A record's local header is read in the same call as its data, at the length torch.save gives it,
-        # instead of being read first (`_confirm` checks it).
-        where = None
+        # instead of being read first (`_confirm` checks it); so is the data descriptor that ends the record
+        # before, so that records back to back are one read.
+        where = lead = None
         if self._predicting and self._pickled is not None and entry.key not in self._offsets:
-            where = self._pickled.location(entry.key)
-        if where is None:
+            where, lead = self._pickled.location(entry.key), self._pickled.descriptor
+        if where is None or lead is None or where.record < lead:
             return self.data_offset(entry.key), None
-        return where.record + where.header + where.within, (where.record, bytearray(where.header))
+        return where.record + where.header + where.within, (
+            where.record - lead,
+            bytearray(lead + where.header),
+        )
 
     def _confirm(self, entry: Entry, offset: int, prelude: Prelude) -> int | None:
-        record, header = prelude
+        start, read = prelude
+        lead = self._pickled.descriptor if self._pickled is not None else 0
+        header, record = read[lead:], start + lead
         if _header_holds(header, record=record):
             self._offsets[entry.key] = offset
             return None

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import pickle
 import struct
 import zipfile
@@ -50,8 +49,7 @@ _STORAGE_DTYPES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class TensorLayout:
+class TensorLayout(NamedTuple):
     """A tensor's dtype, shape, and where its bytes are: `within` bytes into the zip record whose local header
     starts at `record` (row-major, uncompressed). `data_offset` turns that into a file offset.
 
@@ -72,14 +70,9 @@ class _StorageType(NamedTuple):
     itemsize: int
 
 
-class _Rebuilt(tuple):  # type: ignore[type-arg]
-    """The arguments of one `_rebuild_tensor_v2` call, kept as they are: checking them waits until the tensor is
-    listed or read, so unpickling costs as little as it can per tensor."""
-
-    __slots__ = ()
-
-
 class _Tensor(NamedTuple):
+    """A tensor record of the pickle, checked: what `_rebuild_tensor_v2` would have been given."""
+
     dtype: str
     itemsize: int
     storage: str
@@ -89,15 +82,17 @@ class _Tensor(NamedTuple):
     stride: tuple[int, ...]
 
 
-def _rebuild_tensor_v2(*args: Any) -> _Rebuilt:
-    return _Rebuilt(args)
+class _Malformed(NamedTuple):
+    """A tensor record that is not as torch.save writes it; reported when its key is listed or read."""
+
+    reason: str
 
 
-def _tensor(rebuilt: _Rebuilt) -> _Tensor:
-    """The stand-in tensor of a `_rebuild_tensor_v2` call; a ValueError says what is wrong with it."""
-    if len(rebuilt) < 4:
-        raise ValueError(f"a tensor record of {len(rebuilt)} fields")
-    pid, storage_offset, shape, stride = rebuilt[:4]
+def _rebuild_tensor_v2(*args: Any) -> _Tensor | _Malformed:
+    """The stand-in for torch's `_rebuild_tensor_v2`: checks the record, builds nothing."""
+    if len(args) < 4:
+        return _Malformed(f"a tensor record of {len(args)} fields")
+    pid, storage_offset, shape, stride = args[:4]
     # A storage's persistent id, as torch.save writes it: ("storage", type, key, location, numel).
     if not (
         type(pid) is tuple
@@ -107,15 +102,17 @@ def _tensor(rebuilt: _Rebuilt) -> _Tensor:
         and type(pid[4]) is int
         and type(storage_offset) is int
     ):
-        raise ValueError("a tensor without a storage record")
+        return _Malformed("a tensor without a storage record")
     if type(shape) is not tuple or type(stride) is not tuple:
-        raise ValueError("a tensor size or stride that is not a tuple")
+        return _Malformed("a tensor size or stride that is not a tuple")
     for size in shape:
         if type(size) is not int or size < 0:
-            raise ValueError(f"shape {shape!r}")
+            return _Malformed(f"shape {shape!r}")
     storage_type: _StorageType = pid[1]
-    return _Tensor(
-        storage_type.dtype, storage_type.itemsize, str(pid[2]), pid[4], storage_offset, shape, stride
+    # tuple.__new__, not _Tensor(...): one record per tensor, and NamedTuple's own __new__ is a Python call.
+    return tuple.__new__(
+        _Tensor,
+        (storage_type.dtype, storage_type.itemsize, str(pid[2]), pid[4], storage_offset, shape, stride),
     )
 
 
@@ -129,28 +126,34 @@ class _LayoutUnpickler(pickle.Unpickler):
             return _StorageType(*_STORAGE_DTYPES[name])
         raise pickle.UnpicklingError(f"{module}.{name} is not on the allow-list")
 
-    # The persistent id itself (a tuple, checked by `_tensor`): a built-in costs less per tensor than a method.
+    # The persistent id itself (a tuple, checked by `_rebuild_tensor_v2`): a built-in costs less per tensor than
+    # a method.
     persistent_load = staticmethod(tuple)
 
 
-def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+def _row_major_numel(shape: tuple[int, ...], stride: tuple[Any, ...]) -> int | None:
+    """The element count of a row-major contiguous tensor of `shape` and `stride`; None for any other."""
     if len(shape) != len(stride):
-        return False
-    expected = 1
-    for i in range(len(shape) - 1, -1, -1):
-        if shape[i] != 1 and stride[i] != expected:
-            return False
-        expected *= shape[i]
-    return True
+        return None
+    numel = 1
+    for size, step in zip(reversed(shape), reversed(stride), strict=True):
+        if type(step) is not int or (size != 1 and step != numel):
+            return None
+        numel *= size
+    return numel
 
 
-# A central directory entry's fixed 46 bytes: signature, compression method, name/extra/comment lengths and the
-# local header's offset (the fields between are skipped).
-_DIRECTORY_ENTRY = struct.Struct("<4s6xH16xHHH8xI")
+# A central directory entry's fixed 46 bytes: signature, flags, compression method, name/extra/comment lengths
+# and the local header's offset (the fields between are skipped).
+_DIRECTORY_ENTRY = struct.Struct("<4s4xHH16xHHH8xI")
+# Flag bit 3: a data descriptor (signature, CRC, sizes) follows the member's data.
+_HAS_DESCRIPTOR = 0x08
+_DESCRIPTOR_BYTES = 16
 
 
-def _central_directory(handle: BinaryIO, size: int) -> dict[str, tuple[int, int]]:
-    """Member name -> (local header offset, compression method), read straight from the zip's central directory.
+def _central_directory(handle: BinaryIO, size: int) -> dict[bytes, tuple[int, int, int]]:
+    """Member name (as stored, UTF-8) -> (local header offset, compression method, flags), read straight from
+    the zip's central directory.
 
     `zipfile` builds a ZipInfo object per member; for tens of thousands of tensors that alone costs more than
     reading one rank's share, so the fixed-size records are unpacked here. Zip64 (files over 4 GiB) is handled.
@@ -172,19 +175,21 @@ def _central_directory(handle: BinaryIO, size: int) -> dict[str, tuple[int, int]
         num_entries, cd_size, cd_offset = struct.unpack_from("<QQQ", record, 32)
     handle.seek(cd_offset)
     directory = handle.read(cd_size)
-    members: dict[str, tuple[int, int]] = {}
+    members: dict[bytes, tuple[int, int, int]] = {}
     position = 0
     unpack = _DIRECTORY_ENTRY.unpack_from
     for _ in range(num_entries):
-        signature, method, name_length, extra_length, comment_length, offset = unpack(directory, position)
+        signature, flags, method, name_length, extra_length, comment_length, offset = unpack(
+            directory, position
+        )
         if signature != b"PK\x01\x02":
             raise zipfile.BadZipFile("bad central directory entry")
-        name = directory[position + 46 : position + 46 + name_length].decode("utf-8")
+        name = directory[position + 46 : position + 46 + name_length]
         if offset == 0xFFFFFFFF:
             offset = _zip64_offset(
                 directory, position + 46 + name_length, extra_length, directory_entry=position
             )
-        members[name] = (offset, method)
+        members[name] = (offset, method, flags)
         position += 46 + name_length + extra_length + comment_length
     return members
 
@@ -221,34 +226,35 @@ def data_offset_from(local: bytes, local_header: int) -> int:
 class PickledState:
     """A flat state dict as its pickle describes it: per key a tensor record, and the zip's records."""
 
-    tensors: dict[str, _Rebuilt]
-    records: dict[str, tuple[int, int]]
-    """Storage key -> (local header offset, compression method) of its record."""
+    tensors: dict[str, _Tensor | _Malformed]
+    records: dict[bytes, tuple[int, int, int]]
+    """Member name -> (local header offset, compression method, flags) of every record of the zip."""
     prefix: str = ""
     """The archive's folder of records (`<name>/data/`)."""
+    descriptor: int = 0
+    """Bytes of the data descriptor that ends each record, where the writer adds one (torch.save does): a reader
+    that takes the one before a record's header along with it reads records that follow one another in one
+    call."""
 
     def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
         """The tensor's dtype name and shape; a malformed record is a ValueError."""
-        tensor = _tensor(self.tensors[key])
+        tensor = self.tensors[key]
+        if isinstance(tensor, _Malformed):
+            raise ValueError(tensor.reason)
         return tensor.dtype, tensor.shape
 
     def location(self, key: str) -> TensorLayout | None:
         """Where the tensor's bytes are, or None where they are not one row-major run of a stored record."""
-        try:
-            tensor = _tensor(self.tensors[key])
-        except ValueError:
+        tensor = self.tensors[key]
+        if isinstance(tensor, _Malformed):
             return None
-        record = self.records.get(tensor.storage)
-        if record is None or record[1] != 0 or not all(type(x) is int for x in tensor.stride):
-            return None
-        numel = 1
-        for size in tensor.shape:
-            numel *= size
-        if not _contiguous(tensor.shape, tensor.stride) or tensor.storage_offset + numel > tensor.numel:
+        name = (self.prefix + tensor.storage).encode()
+        record = self.records.get(name)
+        numel = _row_major_numel(tensor.shape, tensor.stride)
+        if record is None or record[1] != 0 or numel is None or tensor.storage_offset + numel > tensor.numel:
             return None
         within = tensor.storage_offset * tensor.itemsize
-        name_length = len((self.prefix + tensor.storage).encode())
-        return TensorLayout(tensor.dtype, tensor.shape, record[0], within, _header(record[0], name_length))
+        return TensorLayout(tensor.dtype, tensor.shape, record[0], within, _header(record[0], len(name)))
 
 
 # torch.save starts each record's data on a multiple of this, padding the local header's extra field.
@@ -275,17 +281,14 @@ def _read_pickle(path: Path) -> PickledState | None:
     try:
         with path.open("rb") as handle:
             members = _central_directory(handle, path.stat().st_size)
-            pickles = [name for name in members if name.endswith("/data.pkl")]
+            pickles = [name for name in members if name.endswith(b"/data.pkl")]
             if len(pickles) != 1 or members[pickles[0]][1] != 0:
                 return None
-            prefix = pickles[0][: -len("data.pkl")]
-            pickle_offset = data_offset(handle, members[pickles[0]][0])
-            pickle_end = min(
-                (offset for offset, _ in members.values() if offset > members[pickles[0]][0]),
-                default=path.stat().st_size,
-            )
-            handle.seek(pickle_offset)
-            state = _LayoutUnpickler(io.BytesIO(handle.read(pickle_end - pickle_offset))).load()
+            prefix = pickles[0][: -len(b"data.pkl")].decode("utf-8")
+            handle.seek(data_offset(handle, members[pickles[0]][0]))
+            # Straight from the buffered file, which the C unpickler reads through `peek`: from an `io.BytesIO`,
+            # which has none, it makes a Python call per opcode, three times slower in all.
+            state = _LayoutUnpickler(handle).load()
     except (
         OSError,
         zipfile.BadZipFile,
@@ -301,10 +304,10 @@ def _read_pickle(path: Path) -> PickledState | None:
     ):
         return None
     if not isinstance(state, dict) or not all(
-        type(key) is str and type(tensor) is _Rebuilt for key, tensor in state.items()
+        type(key) is str and type(tensor) in (_Tensor, _Malformed) for key, tensor in state.items()
     ):
         return None
-    data = prefix + "data/"
-    # Local headers are read only for the tensors a rank reads (`data_offset`), not for all of them.
-    records = {name[len(data) :]: member for name, member in members.items() if name.startswith(data)}
-    return PickledState(state, records, data)
+    # Local headers are read only for the tensors a rank reads, not for all of them.
+    # One writer wrote every record: as the pickle's record ends, so do the others.
+    descriptor = _DESCRIPTOR_BYTES if members[pickles[0]][2] & _HAS_DESCRIPTOR else 0
+    return PickledState(state, members, prefix + "data/", descriptor)

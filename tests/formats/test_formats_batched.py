@@ -70,12 +70,21 @@ def test_bin_records_are_read_with_their_headers(tmp_path: Path, monkeypatch: py
     with TorchFile(path) as checkpoint:
         peeks, reads = _counting(monkeypatch, "pread"), _counting(monkeypatch, "preadv")
         out = checkpoint.read_many([(key, None) for key in TENSORS])
-        # torch.save's headers are as long as predicted: none is read on its own, each comes with its data in
-        # one read (records are not back to back: a data descriptor follows each), and only data counts as read.
-        assert (len(peeks), len(reads)) == (0, len(TENSORS))
+        # torch.save's headers are as long as predicted: none is read on its own. Each comes with its data and
+        # the data descriptor before it, so records that follow one another are one read; only data counts.
+        assert (len(peeks), len(reads)) == (0, 1)
         assert checkpoint.stats.bytes_read == len(TENSORS) * 24 * 4
+        # Headers once confirmed are not read again; rows cut out of each record are a read each.
         rows = checkpoint.read_many([(key, ROWS) for key in TENSORS])
+        assert (len(peeks), len(reads)) == (0, 1 + len(TENSORS))
+        assert checkpoint.stats.bytes_read == len(TENSORS) * 24 * 4 + len(TENSORS) * 2 * 6 * 4
+    with TorchFile(path) as checkpoint:
+        # Asked in any order, records are read in file order.
+        reads.clear()
+        backwards = checkpoint.read_many([(key, None) for key in reversed(TENSORS)])
+        assert (len(peeks), len(reads)) == (0, 1)
     assert all(torch.equal(got, TENSORS[key]) for got, key in zip(out, TENSORS, strict=True))
+    assert all(torch.equal(got, TENSORS[key]) for got, key in zip(backwards, reversed(TENSORS), strict=True))
     assert all(torch.equal(got, TENSORS[key][1:3]) for got, key in zip(rows, TENSORS, strict=True))
 
 
@@ -135,3 +144,40 @@ def test_entries_come_before_the_listing_ends(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError) as again:
             checkpoint.entries()
         assert str(again.value) == message
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "bin"])
+def test_prepared_reads_make_no_tensors_when_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+) -> None:
+    # A reader thread that calls torch gives the interpreter lock up and waits for it back (up to 5 ms while
+    # another thread runs Python): `run()` must only read.
+    save = save_safetensors if suffix == "safetensors" else save_torch
+    path = save(tmp_path / f"w.{suffix}", tensors=TENSORS)
+    with open_checkpoint(path) as checkpoint:
+        pending = checkpoint.prepare_many([(key, None) for key in TENSORS])
+
+        def refused(*args: Any, **kwargs: Any) -> torch.Tensor:
+            raise AssertionError("a tensor made in run()")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "empty", refused)
+            pending.run()
+        out = pending.result()
+    assert all(torch.equal(got, TENSORS[key]) for got, key in zip(out, TENSORS, strict=True))
+
+
+def test_a_back_end_with_read_alone_can_be_prepared(tmp_path: Path) -> None:
+    from ownership.formats.entry import Checkpoint, Entry
+
+    class OneTensor(Checkpoint):
+        def entries(self) -> list[Entry]:
+            return [Entry("w", "F32", (4, 6), "none")]
+
+        def read(self, key: str, selection: Any = None) -> torch.Tensor:
+            return TENSORS["layers.0.w"][1:3] if selection else TENSORS["layers.0.w"]
+
+    pending = OneTensor(tmp_path).prepare_many([("w", None), ("w", ROWS)])
+    pending.run()
+    whole, rows = pending.result()
+    assert torch.equal(whole, TENSORS["layers.0.w"]) and torch.equal(rows, TENSORS["layers.0.w"][1:3])
