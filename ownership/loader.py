@@ -104,7 +104,8 @@ def iter_load(
     `dtype` casts floating-point tensors only (integer and bool tensors keep theirs). With a CUDA `device`, each
     tensor is allocated once there and filled through pinned staging, its cast done on the device; a yielded
     tensor is ready for work queued on the current stream. Another `device` gets each tensor moved after it is
-    read. `progress` draws a bar on a terminal (default: only for loads over 256 MiB).
+    read. `progress` draws a bar on a terminal (default: only for loads over 256 MiB). Host tensors may be
+    views of the file's pages (`checkpoint.map_pages`, see `load`).
     """
     stats = stats if stats is not None else LoadStats()
     stats.bytes_total = plan.bytes_total
@@ -355,14 +356,19 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool | None = None,
+    mmap: bool = True,
 ) -> LoadResult:
     """Plan `rank`'s share of `checkpoint` from its headers and read exactly that.
 
     Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys, with
-    `config` (for an adapter, its base model's config.json) laid over it.
+    `config` (for an adapter, its base model's config.json) laid over it. With `mmap` (the default), large
+    tensors kept whole or by rows are copy-on-write views of the file's pages, mapped and populated, as
+    safetensors and `torch.load(mmap=True)` give them: the file must not be truncated or rewritten in place while
+    they live. `mmap=False` reads every tensor into memory of its own.
     """
     # One pause of the cyclic collector for the whole load: the header's objects are collected once, after.
     with paused_gc(), open_checkpoint(checkpoint) as source:
+        source.map_pages = mmap
         bound = ruleset.bind(mesh=mesh, params=params, config=merge_configs(source.config, config))
         builder = PlanBuilder(bound, source.iter_entries(), rank=rank)
         stats = LoadStats()

@@ -147,6 +147,10 @@ class Checkpoint(ABC):
 
     kind: str = ""
 
+    map_pages: bool = True
+    """Hand out large whole-row reads as copy-on-write views of the file's pages, populated, instead of copies
+    (`ownership.formats.rows`); False for tensors in private memory."""
+
     def __init__(
         self, root: Path, *, config: dict[str, Any] | None = None, stats: ReadStats | None = None
     ) -> None:

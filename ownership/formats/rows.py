@@ -20,6 +20,13 @@ row that hold owned elements are read, as `ownership.selection.row_reads` plans 
 Every byte pulled from storage is counted in the shared `ReadStats`, and `selection_read_bytes` gives the same
 count from the selection alone.
 
+With `map_pages` (the default), whole tensors and row ranges that lie together in the file (at least `MAP_MIN_BYTES` of
+them) are not copied at all: the region is mapped copy-on-write (`MAP_PRIVATE`) and its pages populated from the
+page cache (`MADV_POPULATE_READ`), and each tensor is a view of its bytes there, as `safetensors` and
+`torch.load(mmap=True)` hand out tensors. Populating maps pages the page cache already holds, about six times
+less work than zeroing fresh memory and copying into it, and ranks on one host share those pages until one
+writes. The file must then not be truncated or rewritten in place while such tensors live.
+
 Example:
     >>> import tempfile, torch
     >>> from pathlib import Path
@@ -37,13 +44,14 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import threading
 from collections.abc import Sequence
 from math import prod
 from operator import itemgetter
 from pathlib import Path
-from typing import BinaryIO, TypeAlias
+from typing import Any, BinaryIO, TypeAlias
 
 import torch
 
@@ -60,7 +68,15 @@ from ownership.selection import (
     selection_shape,
 )
 
-__all__ = ["PendingReads", "Prelude", "ReadRequest", "RowReader", "read_fully", "read_vectored"]
+__all__ = [
+    "MAP_MIN_BYTES",
+    "PendingReads",
+    "Prelude",
+    "ReadRequest",
+    "RowReader",
+    "read_fully",
+    "read_vectored",
+]
 
 ReadRequest: TypeAlias = tuple[int, torch.dtype, tuple[int, ...], Selection]
 """`(offset, dtype, shape, selection)`: a tensor's first byte in the file, its dtype and shape, what to read."""
@@ -88,6 +104,9 @@ class RowReader:
         page: int = PAGE_BYTES,
         block: int = BLOCK_BYTES,
     ) -> None:
+        self.map_pages = True
+        """Map large whole-row reads copy-on-write instead of copying them (see the module)."""
+        self._mappings = 0
         self.path = path
         self.stats = stats
         self.display = display
@@ -142,7 +161,11 @@ class RowReader:
         runs: list[tuple[int, memoryview, bool]] = []
         cuts: list[tuple[torch.Tensor, int, tuple[int, ...], Selection]] = []
         out: list[torch.Tensor] = []
+        views, regions = self._map(requests, preludes) if self.map_pages else ({}, [])
         for i, (offset, dtype, shape, selection) in enumerate(requests):
+            if i in views:
+                out.append(views[i])
+                continue
             prelude = preludes[i] if preludes is not None else None
             if prelude is not None:
                 runs.append((prelude[0], memoryview(prelude[1]), False))
@@ -161,7 +184,91 @@ class RowReader:
             out.append(tensor if shape else tensor.reshape(()))
         # In file order, so that runs a request order would interleave (zip records) are read together.
         runs.sort(key=itemgetter(0))
-        return PendingReads(self, requests, out, _stretches(runs), cuts)
+        return PendingReads(self, requests, out, _stretches(runs), cuts, regions)
+
+    def _map(
+        self, requests: Sequence[ReadRequest], preludes: Sequence[Prelude | None] | None
+    ) -> tuple[dict[int, torch.Tensor], list[_Region]]:
+        """Views over mapped regions of the file for the requests read as one run of whole rows, where such
+        runs lie together (less than a page apart) in at least `MAP_MIN_BYTES`; the rest are not in the dict."""
+        # (first byte, end, request): a request's bytes, from its prelude's first where it has one.
+        pieces: list[tuple[int, int, int]] = []
+        for i, (offset, dtype, shape, selection) in enumerate(requests):
+            spans = row_byte_spans(selection, shape=shape, itemsize=dtype.itemsize)
+            if spans is None or len(spans) != 1 or spans[0][1] <= spans[0][0]:
+                continue
+            first = offset + spans[0][0]
+            prelude = preludes[i] if preludes is not None else None
+            if prelude is not None:
+                # Mapped, the pages between a record's header and rows far into it would be populated too.
+                if first - (prelude[0] + len(prelude[1])) >= self.page:
+                    continue
+                first = min(first, prelude[0])
+            pieces.append((first, offset + spans[0][1], i))
+        pieces.sort()
+        groups: list[list[tuple[int, int, int]]] = []
+        end = 0
+        for piece in pieces:
+            if groups and 0 <= piece[0] - end < self.page:
+                groups[-1].append(piece)
+                end = max(end, piece[1])
+            else:
+                groups.append([piece])
+                end = piece[1]
+        views: dict[int, torch.Tensor] = {}
+        regions: list[_Region] = []
+        size: int | None = None
+        for group in groups:
+            if (
+                sum(last - first for first, last, _ in group) < MAP_MIN_BYTES
+                or self._mappings >= _MAX_MAPPINGS
+            ):
+                continue
+            if size is None:
+                size = os.fstat(self._fd()).st_size
+            region = self._map_region(group, requests=requests, preludes=preludes, views=views, size=size)
+            if region is not None:
+                regions.append(region)
+        return views, regions
+
+    def _map_region(
+        self,
+        group: list[tuple[int, int, int]],
+        *,
+        requests: Sequence[ReadRequest],
+        preludes: Sequence[Prelude | None] | None,
+        views: dict[int, torch.Tensor],
+        size: int,
+    ) -> _Region | None:
+        start = group[0][0] - group[0][0] % mmap.ALLOCATIONGRANULARITY
+        end = max(last for _, last, _ in group)
+        if end > size:
+            # Mapped pages past the end of the file would kill the process when touched (SIGBUS).
+            raise CheckpointError(
+                "file ends inside a tensor",
+                source=self.display,
+                found=f"end of file after {size} bytes, {end - size} bytes short of the last tensor",
+                expected="the whole tensor",
+                fix="re-download or re-save the file",
+            )
+        try:
+            area = mmap.mmap(self._fd(), end - start, flags=mmap.MAP_PRIVATE, offset=start)
+        except OSError:
+            return None  # a file system that cannot map: these tensors are copied instead
+        self._mappings += 1
+        fills: list[tuple[bytearray, int]] = []
+        counted = 0
+        for _, last, i in group:
+            _, dtype, shape, selection = requests[i]
+            prelude = preludes[i] if preludes is not None else None
+            if prelude is not None:
+                fills.append((prelude[1], prelude[0] - start))
+            local = selection_shape(selection, shape)
+            length = prod(local) * dtype.itemsize
+            flat = torch.frombuffer(area, dtype=dtype, count=prod(local), offset=last - length - start)
+            views[i] = flat.view(local) if local else flat.reshape(())
+            counted += length
+        return area, fills, counted
 
     def _read_cut(
         self, out: torch.Tensor, *, offset: int, shape: tuple[int, ...], selection: Selection
@@ -231,7 +338,9 @@ class PendingReads:
         tensors: list[torch.Tensor],
         stretches: list[_Stretch],
         cuts: list[tuple[torch.Tensor, int, tuple[int, ...], Selection]],
+        regions: list[_Region],
     ) -> None:
+        self.regions = regions
         self.reader = reader
         self.requests = requests
         self.tensors = tensors
@@ -242,12 +351,47 @@ class PendingReads:
         """Read every tensor's bytes; safe on any thread, once."""
         reader = self.reader
         fd, counted = reader._fd(), 0
+        for area, fills, nbytes in self.regions:
+            _populate(area)
+            for buffer, at in fills:
+                buffer[:] = area[at : at + len(buffer)]
+            counted += nbytes
         for start, views, nbytes in self.stretches:
             read_vectored(fd, views, start, display=reader.display)
             counted += nbytes
         reader._count(counted)
         for tensor, offset, shape, selection in self.cuts:
             reader._read_cut(tensor, offset=offset, shape=shape, selection=selection)
+
+
+MAP_MIN_BYTES = 1 << 20
+"""The least tensor bytes a region must hold to be mapped rather than copied: a mapping costs a system call and
+a kernel area, and a process may hold only so many (`vm.max_map_count`, 65,530 by default)."""
+_MAX_MAPPINGS = 16384
+
+_Region: TypeAlias = tuple[mmap.mmap, list[tuple[bytearray, int]], int]
+"""`(mapping, fills, counted)`: a mapped region, the prelude buffers to fill from it at their offsets in it, and
+the tensor bytes it holds."""
+
+_MADV_POPULATE_READ = 22  # Linux 5.14
+_madvise: Any = None
+
+
+def _populate(area: mmap.mmap) -> None:
+    """Map the region's pages from the page cache (reading them from storage where they are not there yet)."""
+    global _madvise
+    if _madvise is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        _madvise = libc.madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    anchor = ctypes.c_char.from_buffer(area)
+    address = ctypes.addressof(anchor)
+    del anchor  # its export of the buffer would keep the mapping from ever being closed
+    # Through ctypes, which lets other threads run while the kernel works: mmap.madvise holds the interpreter.
+    if _madvise(address, len(area), _MADV_POPULATE_READ) != 0:
+        # An older kernel: touch a byte of each page instead.
+        for at in range(0, len(area), mmap.PAGESIZE):
+            area[at]
 
 
 _Stretch: TypeAlias = tuple[int, list[memoryview], int]

@@ -166,7 +166,9 @@ class ShardedCheckpoint(Checkpoint):
             if name is None:
                 self.entry(run[0][0])
                 raise AssertionError("unreachable")  # pragma: no cover
-            parts.append(self._shard(name).prepare_many(run))
+            shard = self._shard(name)
+            shard.map_pages = self.map_pages
+            parts.append(shard.prepare_many(run))
         return _Parts(parts)
 
     def close(self) -> None:

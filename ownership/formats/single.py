@@ -146,6 +146,7 @@ class SingleFile(Checkpoint):
                 (offset, torch_dtype(entry.dtype, key=key, source=self.display), entry.shape, selection)
             )
             preludes.append(prelude)
+        self._reader.map_pages = self.map_pages
         return _Pending(self, self._reader.prepare(located, preludes=preludes), entries, preludes, others)
 
     def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
