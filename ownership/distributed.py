@@ -227,8 +227,11 @@ def load_distributed(
     verify: bool = True,
     group: dist.ProcessGroup | None = None,
     as_dtensor: bool = False,
+    mmap: bool = True,
 ) -> LoadResult:
     """Load this process's share of `checkpoint`: rank `dist.get_rank(group)` on `mesh`.
+
+    Host tensors may be views of the file's pages (`mmap`, as in `load`).
 
     `mesh` is an ownership mesh (`"pp=2,ep=4"`, a mapping, a `Mesh`) or a `DeviceMesh` with named dims (then
     its dims are the axes; see `mesh_from_device_mesh`). With a CUDA `device`, tensors are read straight onto
@@ -275,12 +278,16 @@ def load_distributed(
             device_mesh = _device_mesh(mesh, device=device, group=group)
         device = _dtensor_device(device, device_mesh)
     if not verify:
-        result = load(ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype)
+        result = load(
+            ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype, mmap=mmap
+        )
         return _as_dtensors(result, ruleset, mesh, device_mesh) if device_mesh is not None else result
     loaded: LoadResult | None = None
     failure: BaseException | None = None
     try:
-        loaded = load(ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype)
+        loaded = load(
+            ruleset, checkpoint, mesh=mesh, rank=rank, params=params, device=device, dtype=dtype, mmap=mmap
+        )
         summary = summarize(loaded, mesh=mesh)
     except Exception as error:  # the collective below must still run, or the other ranks hang
         failure = error

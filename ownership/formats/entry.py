@@ -179,7 +179,7 @@ class Checkpoint(ABC):
         """`read_many` in two steps, for a loader that reads on other threads: this thread makes the tensors and
         plans the reads, `run()` reads, on any thread, and `result()` hands the tensors over, back here.
 
-        Back-ends that make tensors here leave `run()` a few system calls, so a reader thread seldom waits for
+        Back-ends that make tensors here leave `run()` mostly system calls, so a reader thread seldom waits for
         the interpreter lock; this default does all of `read_many` in `run()`.
         """
         return _ReadLater(self, requests)
@@ -235,5 +235,6 @@ class _ReadLater(PendingRead):
         self.tensors = self.checkpoint.read_many(self.requests)
 
     def result(self) -> list[torch.Tensor]:
-        assert self.tensors is not None, "run() first"
+        if self.tensors is None:
+            raise RuntimeError("result() before run()")
         return self.tensors

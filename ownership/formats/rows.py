@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -106,7 +107,9 @@ class RowReader:
     ) -> None:
         self.map_pages = True
         """Map large whole-row reads copy-on-write instead of copying them (see the module)."""
-        self._mappings = 0
+        # The whole file, mapped copy-on-write once (one descriptor, one kernel area); tensors viewing it keep it.
+        self._area: mmap.mmap | None = None
+        self._area_address = 0
         self.path = path
         self.stats = stats
         self.display = display
@@ -118,6 +121,7 @@ class RowReader:
         self._local = threading.local()
 
     def close(self) -> None:
+        self._area = None  # unmapped once the last tensor viewing it is gone
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -198,6 +202,8 @@ class RowReader:
             if spans is None or len(spans) != 1 or spans[0][1] <= spans[0][0]:
                 continue
             first = offset + spans[0][0]
+            if first % dtype.itemsize:
+                continue  # a view must start on a multiple of its element size; this one is copied
             prelude = preludes[i] if preludes is not None else None
             if prelude is not None:
                 # Mapped, the pages between a record's header and rows far into it would be populated too.
@@ -217,33 +223,22 @@ class RowReader:
                 end = piece[1]
         views: dict[int, torch.Tensor] = {}
         regions: list[_Region] = []
-        size: int | None = None
         for group in groups:
-            if (
-                sum(last - first for first, last, _ in group) < MAP_MIN_BYTES
-                or self._mappings >= _MAX_MAPPINGS
-            ):
+            if sum(last - first for first, last, _ in group) < MAP_MIN_BYTES:
                 continue
-            if size is None:
-                size = os.fstat(self._fd()).st_size
-            region = self._map_region(group, requests=requests, preludes=preludes, views=views, size=size)
-            if region is not None:
-                regions.append(region)
+            area = self._mapped(max(last for _, last, _ in group))
+            if area is None:
+                break
+            regions.append(self._views(area, group, requests=requests, preludes=preludes, views=views))
         return views, regions
 
-    def _map_region(
-        self,
-        group: list[tuple[int, int, int]],
-        *,
-        requests: Sequence[ReadRequest],
-        preludes: Sequence[Prelude | None] | None,
-        views: dict[int, torch.Tensor],
-        size: int,
-    ) -> _Region | None:
-        start = group[0][0] - group[0][0] % mmap.ALLOCATIONGRANULARITY
-        end = max(last for _, last, _ in group)
+    def _mapped(self, end: int) -> mmap.mmap | None:
+        """The file mapped copy-on-write through byte `end`, or None where it cannot be mapped (it is copied)."""
+        if self._area is not None and end <= len(self._area):
+            return self._area
+        size = os.fstat(self._fd()).st_size
         if end > size:
-            # Mapped pages past the end of the file would kill the process when touched (SIGBUS).
+            # A mapped page past the end of the file kills the process when touched (SIGBUS).
             raise CheckpointError(
                 "file ends inside a tensor",
                 source=self.display,
@@ -252,23 +247,39 @@ class RowReader:
                 fix="re-download or re-save the file",
             )
         try:
-            area = mmap.mmap(self._fd(), end - start, flags=mmap.MAP_PRIVATE, offset=start)
+            area = mmap.mmap(self._fd(), size, flags=mmap.MAP_PRIVATE)
         except OSError:
-            return None  # a file system that cannot map: these tensors are copied instead
-        self._mappings += 1
+            return None  # a file system that cannot map
+        anchor = ctypes.c_char.from_buffer(area)
+        self._area, self._area_address = area, ctypes.addressof(anchor)
+        del anchor  # its export of the buffer would keep the mapping alive for good
+        return area
+
+    def _views(
+        self,
+        area: mmap.mmap,
+        group: list[tuple[int, int, int]],
+        *,
+        requests: Sequence[ReadRequest],
+        preludes: Sequence[Prelude | None] | None,
+        views: dict[int, torch.Tensor],
+    ) -> _Region:
+        """A view of `area` per request of the group, and the pages of the file to populate for them."""
+        start = group[0][0] - group[0][0] % mmap.PAGESIZE
         fills: list[tuple[bytearray, int]] = []
-        counted = 0
+        counted = end = 0
         for _, last, i in group:
             _, dtype, shape, selection = requests[i]
             prelude = preludes[i] if preludes is not None else None
             if prelude is not None:
-                fills.append((prelude[1], prelude[0] - start))
+                fills.append((prelude[1], prelude[0]))
             local = selection_shape(selection, shape)
             length = prod(local) * dtype.itemsize
-            flat = torch.frombuffer(area, dtype=dtype, count=prod(local), offset=last - length - start)
+            flat = torch.frombuffer(area, dtype=dtype, count=prod(local), offset=last - length)
             views[i] = flat.view(local) if local else flat.reshape(())
             counted += length
-        return area, fills, counted
+            end = max(end, last)
+        return area, self._area_address + start, end - start, fills, counted
 
     def _read_cut(
         self, out: torch.Tensor, *, offset: int, shape: tuple[int, ...], selection: Selection
@@ -325,10 +336,11 @@ class RowReader:
 class PendingReads:
     """Tensors allocated by `RowReader.prepare`, and the reads that fill them (`run`).
 
-    Everything that makes tensors is done by `prepare`; `run` only reads, a `preadv` per stretch of the file, so
-    a thread that runs it waits for the interpreter lock a few times per batch. That matters: a thread that
-    gives the lock up (as every torch call does) and takes it back while another thread runs Python waits up
-    to the switch interval (5 ms) each time.
+    `prepare` makes every tensor of whole rows (or views them in the mapped file); for those `run` only reads,
+    a `preadv` per stretch of the file or a populate per mapped region, so a thread that runs it waits for the
+    interpreter lock a few times per batch. That matters: a thread that gives the lock up (as every torch call
+    does) and takes it back while another thread runs Python waits up to the switch interval (5 ms) each time.
+    Selections that cut later dims are still copied out of staging, with torch, in `run`.
     """
 
     def __init__(
@@ -351,8 +363,8 @@ class PendingReads:
         """Read every tensor's bytes; safe on any thread, once."""
         reader = self.reader
         fd, counted = reader._fd(), 0
-        for area, fills, nbytes in self.regions:
-            _populate(area)
+        for area, address, length, fills, nbytes in self.regions:
+            _populate(address, length, area=area, display=reader.display)
             for buffer, at in fills:
                 buffer[:] = area[at : at + len(buffer)]
             counted += nbytes
@@ -365,33 +377,45 @@ class PendingReads:
 
 
 MAP_MIN_BYTES = 1 << 20
-"""The least tensor bytes a region must hold to be mapped rather than copied: a mapping costs a system call and
-a kernel area, and a process may hold only so many (`vm.max_map_count`, 65,530 by default)."""
-_MAX_MAPPINGS = 16384
+"""The least bytes a region of the file must hold for its tensors to be views of the mapped file rather than
+copies: below it, a copy costs about as much and does not depend on the file."""
 
-_Region: TypeAlias = tuple[mmap.mmap, list[tuple[bytearray, int]], int]
-"""`(mapping, fills, counted)`: a mapped region, the prelude buffers to fill from it at their offsets in it, and
-the tensor bytes it holds."""
+_Region: TypeAlias = tuple[mmap.mmap, int, int, list[tuple[bytearray, int]], int]
+"""`(mapping, address, length, fills, counted)`: the pages to populate, from `address` on, the prelude buffers
+to fill from the mapping at their file offsets, and the tensor bytes the region holds."""
 
 _MADV_POPULATE_READ = 22  # Linux 5.14
 _madvise: Any = None
 
 
-def _populate(area: mmap.mmap) -> None:
-    """Map the region's pages from the page cache (reading them from storage where they are not there yet)."""
+def _populate(address: int, length: int, *, area: mmap.mmap, display: str) -> None:
+    """Map `length` bytes of pages from `address` from the page cache, reading from storage what is not there."""
     global _madvise
     if _madvise is None:
         libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _madvise = libc.madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    anchor = ctypes.c_char.from_buffer(area)
-    address = ctypes.addressof(anchor)
-    del anchor  # its export of the buffer would keep the mapping from ever being closed
     # Through ctypes, which lets other threads run while the kernel works: mmap.madvise holds the interpreter.
-    if _madvise(address, len(area), _MADV_POPULATE_READ) != 0:
-        # An older kernel: touch a byte of each page instead.
-        for at in range(0, len(area), mmap.PAGESIZE):
-            area[at]
+    while _madvise(address, length, _MADV_POPULATE_READ) != 0:
+        error = ctypes.get_errno()
+        if error == errno.EINTR:
+            continue
+        if error == errno.EINVAL:  # a kernel before 5.14: touch a byte of each page instead
+            anchor = ctypes.c_char.from_buffer(area)
+            start = address - ctypes.addressof(anchor)
+            del anchor
+            for at in range(start, start + length, mmap.PAGESIZE):
+                area[at]
+            return
+        # EFAULT: a page past the end of the file (cut short since it was mapped), which touching would turn
+        # into a SIGBUS; EIO: storage failed.
+        raise CheckpointError(
+            "cannot read the file's pages",
+            source=display,
+            found=os.strerror(error),
+            expected="the whole file, as long as when it was opened",
+            fix="do not rewrite the file while it is read; re-download it if storage fails",
+        )
 
 
 _Stretch: TypeAlias = tuple[int, list[memoryview], int]

@@ -184,9 +184,8 @@ class TorchFile(SingleFile):
         tensor = state[entry.key]
         self.stats.files_opened.add(str(self._reader.path))
         if self.mapped:
-            self.stats.bytes_read += (
-                selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size()
-            )
+            # Through the reader's lock: this runs on reader threads too.
+            self._reader._count(selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size())
         return take(tensor, selection)
 
 

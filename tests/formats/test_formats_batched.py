@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.serialization import config as serialization_config
 
+import ownership.formats.rows as rows
 from ownership.errors import CheckpointError
 from ownership.formats import SafetensorsFile, TorchFile, open_checkpoint
 from ownership.formats.single import _STEP
@@ -147,24 +148,29 @@ def test_entries_come_before_the_listing_ends(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("suffix", ["safetensors", "bin"])
+@pytest.mark.parametrize("mapped", [False, True])
 def test_prepared_reads_make_no_tensors_when_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str, mapped: bool
 ) -> None:
     # A reader thread that calls torch gives the interpreter lock up and waits for it back (up to 5 ms while
-    # another thread runs Python): `run()` must only read.
+    # another thread runs Python): for whole tensors and rows, `run()` must only read.
+    monkeypatch.setattr(rows, "MAP_MIN_BYTES", 1 if mapped else 2**62)
     save = save_safetensors if suffix == "safetensors" else save_torch
     path = save(tmp_path / f"w.{suffix}", tensors=TENSORS)
     with open_checkpoint(path) as checkpoint:
-        pending = checkpoint.prepare_many([(key, None) for key in TENSORS])
+        pending = checkpoint.prepare_many([(key, None if i % 2 else ROWS) for i, key in enumerate(TENSORS)])
 
         def refused(*args: Any, **kwargs: Any) -> torch.Tensor:
             raise AssertionError("a tensor made in run()")
 
         with monkeypatch.context() as patch:
             patch.setattr(torch, "empty", refused)
+            patch.setattr(torch, "frombuffer", refused)
             pending.run()
         out = pending.result()
-    assert all(torch.equal(got, TENSORS[key]) for got, key in zip(out, TENSORS, strict=True))
+    assert all((not t.untyped_storage().resizable()) == mapped for t in out)
+    for i, (got, key) in enumerate(zip(out, TENSORS, strict=True)):
+        assert torch.equal(got, TENSORS[key] if i % 2 else TENSORS[key][1:3])
 
 
 def test_a_back_end_with_read_alone_can_be_prepared(tmp_path: Path) -> None:

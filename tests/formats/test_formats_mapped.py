@@ -3,7 +3,8 @@ each, never a write back to the file, and never a page past the end of the file.
 
 from __future__ import annotations
 
-import mmap
+import ctypes
+import errno
 from pathlib import Path
 
 import pytest
@@ -116,11 +117,27 @@ def test_pages_are_touched_where_the_kernel_cannot_populate(
 
     def unsupported(address: int, length: int, advice: int) -> int:
         calls.append(advice)
+        ctypes.set_errno(errno.EINVAL)  # as a kernel before 5.14 answers
         return -1
 
-    rows._populate(mmap.mmap(-1, 4096))  # loads libc's madvise
     monkeypatch.setattr(rows, "_madvise", unsupported)
     path = _saved(tmp_path, "bin")
     with open_checkpoint(path) as checkpoint:
         out = checkpoint.read_many([(key, None) for key in TENSORS])
     assert calls and all(torch.equal(got, TENSORS[key]) for got, key in zip(out, TENSORS, strict=True))
+
+
+@pytest.mark.usefixtures("map_everything")
+def test_pages_gone_from_the_file_are_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def cut_short(address: int, length: int, advice: int) -> int:
+        ctypes.set_errno(errno.EFAULT)  # what the kernel answers for pages past the end of the file
+        return -1
+
+    monkeypatch.setattr(rows, "_madvise", cut_short)
+    path = _saved(tmp_path, "safetensors")
+    with open_checkpoint(path) as checkpoint, pytest.raises(CheckpointError) as caught:
+        checkpoint.read_many([(key, None) for key in TENSORS])
+    assert str(caught.value) == (
+        f"{path}: cannot read the file's pages: found Bad address, expected the whole file, as long as when it "
+        "was opened. Fix: do not rewrite the file while it is read; re-download it if storage fails"
+    )
