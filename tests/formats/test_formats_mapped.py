@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,21 @@ def test_pages_gone_from_the_file_are_an_error(tmp_path: Path, monkeypatch: pyte
         f"{path}: cannot read the file's pages: found Bad address, expected the whole file, as long as when it "
         "was opened. Fix: do not rewrite the file while it is read; re-download it if storage fails"
     )
+
+
+@pytest.mark.usefixtures("map_everything")
+def test_a_tensor_off_its_alignment_is_copied(tmp_path: Path) -> None:
+    # Three bytes ahead of it put the float32 tensor at an odd offset, where a view would be misaligned.
+    values = torch.arange(1024, dtype=torch.float32)
+    header = {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [1024], "data_offsets": [3, 3 + 4096]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\x01\x02\x03" + values.numpy().tobytes())
+    with open_checkpoint(path) as checkpoint:
+        small, odd = checkpoint.read_many([("a", None), ("b", None)])
+    assert small.tolist() == [1, 2, 3] and torch.equal(odd, values)
+    assert _is_mapped(small) and not _is_mapped(odd)
