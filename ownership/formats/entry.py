@@ -173,14 +173,16 @@ class Checkpoint(ABC):
 
     def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
         """`read` of each `(key, selection)`, in order; back-ends read bytes that lie back to back in one call."""
-        return [self.read(key, selection) for key, selection in requests]
+        pending = self.prepare_many(requests)
+        pending.run()
+        return pending.result()
 
     def prepare_many(self, requests: Sequence[tuple[str, Selection]]) -> PendingRead:
         """`read_many` in two steps, for a loader that reads on other threads: this thread makes the tensors and
         plans the reads, `run()` reads, on any thread, and `result()` hands the tensors over, back here.
 
         Back-ends that make tensors here leave `run()` mostly system calls, so a reader thread seldom waits for
-        the interpreter lock; this default does all of `read_many` in `run()`.
+        the interpreter lock; this default does every `read` in `run()`.
         """
         return _ReadLater(self, requests)
 
@@ -232,7 +234,7 @@ class _ReadLater(PendingRead):
         self.tensors: list[torch.Tensor] | None = None
 
     def run(self) -> None:
-        self.tensors = self.checkpoint.read_many(self.requests)
+        self.tensors = [self.checkpoint.read(key, selection) for key, selection in self.requests]
 
     def result(self) -> list[torch.Tensor]:
         if self.tensors is None:

@@ -165,7 +165,11 @@ class RowReader:
         runs: list[tuple[int, memoryview, bool]] = []
         cuts: list[tuple[torch.Tensor, int, tuple[int, ...], Selection]] = []
         out: list[torch.Tensor] = []
-        views, regions = self._map(requests, preludes) if self.map_pages else ({}, [])
+        all_spans = [
+            row_byte_spans(selection, shape=shape, itemsize=dtype.itemsize)
+            for _, dtype, shape, selection in requests
+        ]
+        views, regions = self._map(requests, all_spans, preludes) if self.map_pages else ({}, [])
         for i, (offset, dtype, shape, selection) in enumerate(requests):
             if i in views:
                 out.append(views[i])
@@ -176,7 +180,7 @@ class RowReader:
             # Each result is allocated once (a scalar as one element: its bytes cannot be viewed as a 0-dim
             # tensor); owned bytes land in it directly, or through the reading thread's staging.
             tensor = torch.empty(selection_shape(selection, shape) or (1,), dtype=dtype)
-            spans = row_byte_spans(selection, shape=shape, itemsize=dtype.itemsize)
+            spans = all_spans[i]
             if spans is None:
                 cuts.append((tensor, offset, shape, selection))
             else:
@@ -191,14 +195,16 @@ class RowReader:
         return PendingReads(self, requests, out, _stretches(runs), cuts, regions)
 
     def _map(
-        self, requests: Sequence[ReadRequest], preludes: Sequence[Prelude | None] | None
+        self,
+        requests: Sequence[ReadRequest],
+        all_spans: Sequence[tuple[Span, ...] | None],
+        preludes: Sequence[Prelude | None] | None,
     ) -> tuple[dict[int, torch.Tensor], list[_Region]]:
         """Views over mapped regions of the file for the requests read as one run of whole rows, where such
         runs lie together (less than a page apart) in at least `MAP_MIN_BYTES`; the rest are not in the dict."""
         # (first byte, end, request): a request's bytes, from its prelude's first where it has one.
         pieces: list[tuple[int, int, int]] = []
-        for i, (offset, dtype, shape, selection) in enumerate(requests):
-            spans = row_byte_spans(selection, shape=shape, itemsize=dtype.itemsize)
+        for i, ((offset, dtype, _, _), spans) in enumerate(zip(requests, all_spans, strict=True)):
             if spans is None or len(spans) != 1 or spans[0][1] <= spans[0][0]:
                 continue
             first = offset + spans[0][0]
@@ -239,12 +245,9 @@ class RowReader:
         size = os.fstat(self._fd()).st_size
         if end > size:
             # A mapped page past the end of the file kills the process when touched (SIGBUS).
-            raise CheckpointError(
-                "file ends inside a tensor",
-                source=self.display,
+            raise _cut_short(
+                self.display,
                 found=f"end of file after {size} bytes, {end - size} bytes short of the last tensor",
-                expected="the whole tensor",
-                fix="re-download or re-save the file",
             )
         try:
             area = mmap.mmap(self._fd(), size, flags=mmap.MAP_PRIVATE)
@@ -469,11 +472,16 @@ def read_fully(fd: int, view: memoryview, offset: int, *, display: str, done: in
     while done < nbytes:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise CheckpointError(
-                "file ends inside a tensor",
-                source=display,
-                found=f"end of file after {done} of {nbytes} bytes at offset {offset}",
-                expected="the whole tensor",
-                fix="re-download or re-save the file",
-            )
+            raise _cut_short(display, found=f"end of file after {done} of {nbytes} bytes at offset {offset}")
         done += got
+
+
+def _cut_short(display: str, *, found: str) -> CheckpointError:
+    """The error for a file that ends before a tensor's last byte."""
+    return CheckpointError(
+        "file ends inside a tensor",
+        source=display,
+        found=found,
+        expected="the whole tensor",
+        fix="re-download or re-save the file",
+    )

@@ -153,11 +153,6 @@ class ShardedCheckpoint(Checkpoint):
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         return self.read_many([(key, selection)])[0]
 
-    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
-        pending = self.prepare_many(requests)
-        pending.run()
-        return pending.result()
-
     def prepare_many(self, requests: Sequence[tuple[str, Selection]]) -> PendingRead:
         parts: list[PendingRead] = []
         # Runs of keys in one shard go to that shard together.

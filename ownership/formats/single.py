@@ -125,11 +125,6 @@ class SingleFile(Checkpoint):
     def read(self, key: str, selection: Selection = None) -> torch.Tensor:
         return self.read_many([(key, selection)])[0]
 
-    def read_many(self, requests: Sequence[tuple[str, Selection]]) -> list[torch.Tensor]:
-        pending = self.prepare_many(requests)
-        pending.run()
-        return pending.result()
-
     def prepare_many(self, requests: Sequence[tuple[str, Selection]]) -> PendingRead:
         located: list[ReadRequest] = []
         preludes: list[Prelude | None] = []
