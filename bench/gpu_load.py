@@ -137,7 +137,7 @@ def owned_runs(
 ) -> tuple[list[tuple[str, int, int]], int]:
     """(file, offset, length) of every owned tensor of the rank (all selections are whole tensors here)."""
     from ownership.formats import open_checkpoint
-    from ownership.plan import build_plan
+    from ownership.loading.plan import build_plan
 
     with open_checkpoint(folder) as checkpoint:
         plan = build_plan(ruleset.bind(mesh=mesh, params=params), checkpoint.entries(), rank=rank)
@@ -188,8 +188,8 @@ def time_h2d(owned: int, repeats: int) -> float:
 
 def one_gpu(folder: Path, shape: dict[str, int], repeats: int) -> dict[str, Any]:
     from ownership import Ruleset
-    from ownership.distributed import checksums
-    from ownership.loader import load
+    from ownership.loading.loader import load
+    from ownership.torch_distributed import checksums
 
     ruleset = Ruleset.from_text(RULES)
     params = {"num_experts": shape["experts"]}
@@ -250,7 +250,7 @@ def worker(rank: int, world: int, port: int, folder: str, experts: int, out: str
     import torch.distributed as dist
 
     from ownership import Ruleset
-    from ownership.distributed import IntegrityError, load_distributed
+    from ownership.torch_distributed import IntegrityError, load_distributed
 
     cuda = torch.cuda.is_available() and not smoke
     if cuda:

@@ -96,9 +96,10 @@ def child(mode: str, path: Path) -> dict[str, Any]:
 
     from ownership import load_ruleset
     from ownership.formats import open_checkpoint
-    from ownership.loader import load
-    from ownership.plan import build_plan
-    from ownership.selection import dim_indices, selection_read_count
+    from ownership.formats.spans import selection_read_count
+    from ownership.loading.loader import load
+    from ownership.loading.plan import build_plan
+    from ownership.placement.selection import dim_indices
 
     ruleset = load_ruleset("vllm-ep-lora")
     params = {"num_experts": EXPERTS}

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ownership import load_ruleset
-from ownership.distributed import load_distributed, mesh_from_process_group
+from ownership.torch_distributed import load_distributed, mesh_from_process_group
 
 
 def main() -> None:

@@ -1,4 +1,11 @@
-"""The library's exception types.
+"""The library's exception types, all in one place.
+
+    OwnershipError            every error on bad input; `code` is the linter's id for it
+    ├── RulesetError          a rule file or ruleset: schema, pattern, layout, axis, param, case file
+    ├── DecisionError         a valid ruleset cannot decide a key: out of range, does not divide, unmatched
+    ├── MeshError             a mesh, a rank, a process group or DeviceMesh that does not fit
+    ├── CheckpointError       a checkpoint cannot be listed or read: missing, truncated, corrupt, unsafe
+    └── IntegrityError        the ranks' loads, taken together, are not the checkpoint (`load_distributed`)
 
 Every error names what it is about (the file, the rule id, the key), what was found, what was expected and the
 fix, so a user can act on it without reading the source. Each field is optional; `str(error)` joins those given
@@ -12,12 +19,17 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = [
     "CheckpointError",
     "DecisionError",
+    "IntegrityError",
     "MeshError",
     "OwnershipError",
     "RulesetError",
+    "short",
 ]
 
 
@@ -100,3 +112,27 @@ class CheckpointError(OwnershipError):
     """A checkpoint cannot be listed or read: missing, truncated or corrupt files, unsafe pickles, bad selections."""
 
     default_code = "bad-checkpoint"
+
+
+class IntegrityError(OwnershipError):
+    """The ranks' loads, taken together, are not the checkpoint: a gap, disagreeing replicas, or a failed rank.
+
+    `problems` holds one line per problem, each naming the key, its rule and the ranks concerned.
+    """
+
+    default_code = "integrity"
+
+    def __init__(self, message: str, *, problems: Sequence[str] = (), **fields: Any) -> None:
+        self.problems = list(problems)
+        super().__init__(message, **fields)
+
+
+def short(value: Any, *, limit: int = 80) -> str:
+    """`repr(value)` cut to `limit` characters, for the `found` of an error.
+
+    Example:
+        >>> short("x" * 100, limit=10)
+        "'xxxxxx..."
+    """
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

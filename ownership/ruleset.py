@@ -1,56 +1,42 @@
-"""The `Ruleset` object: a checked rule file, and the entry points to compile and plan with it.
+"""The `Ruleset` facade: a checked rule file, and the verbs that use it (bind, compile, explain, plan).
+
+It joins the rule language (`ownership.spec`) and the compiler (`ownership.compile`): a ruleset is loaded from a
+built-in name, a `model_type` or a file, its `extends` chain merged, every rule analysed once, and bindings to a
+mesh and params kept per (mesh, params), so loading rank after rank in one process binds once.
 
 Example:
     >>> ruleset = load_ruleset("vllm-ep-lora")
     >>> rules = ruleset.compile(mesh="ep=4", rank=1, params={"num_experts": 10})
     >>> rules.decide("base_model.model.model.layers.0.mlp.experts.4.up_proj.lora_A.weight").owned
     True
+    >>> ruleset.explain("m.layers.0.mlp.experts.4.w1.lora_A.weight", mesh="ep=4", params={"num_experts": 10}).ranks
+    [1]
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ownership.builtin import builtin_for_family, builtin_names, builtin_path
-from ownership.compile import BoundRuleset, RankRules, bind
-from ownership.compose import resolve
-from ownership.errors import MeshError, RulesetError
-from ownership.mesh import Mesh
-from ownership.params import resolve_params
-from ownership.plan import EntryLike, MeshPlan, Plan, build_mesh_plan, build_plan, entries_from_keys
-from ownership.rules import Program, analyze, param_users
-from ownership.spec import RulesetSpec, load_ruleset_spec, parse_ruleset
+from ownership.compile.bind import BoundRuleset, bind
+from ownership.compile.rank import RankRules
+from ownership.errors import RulesetError
+from ownership.placement.decision import DEFAULT_RULE, Decision
+from ownership.placement.mesh import Mesh, MeshLike, to_mesh
+from ownership.spec.builtin import RuleSource, builtin_for_family, rule_source
+from ownership.spec.extends import resolve_spec
+from ownership.spec.params import resolve_params
+from ownership.spec.program import Program, analyze, param_users
+from ownership.spec.schema import RulesetSpec, load_ruleset_spec, parse_ruleset
 
-__all__ = [
-    "MeshLike",
-    "Ruleset",
-    "Source",
-    "detect_ruleset",
-    "load_ruleset",
-    "merge_configs",
-    "resolve_spec",
-    "rule_file",
-    "to_mesh",
-]
+if TYPE_CHECKING:
+    from ownership.loading.plan import MeshPlan, Plan
 
-MeshLike = Mesh | str | Mapping[str, int]
-Source = str | os.PathLike[str] | Sequence[str] | Sequence[tuple[str, str | None, Sequence[int] | None]]
-
-
-def to_mesh(mesh: MeshLike) -> Mesh:
-    """A `Mesh` from a Mesh, a string such as `pp=2,ep=4`, or a mapping of axis sizes."""
-    if isinstance(mesh, Mesh):
-        return mesh
-    if isinstance(mesh, str):
-        return Mesh.parse(mesh)
-    if isinstance(mesh, Mapping):
-        return Mesh.of(mesh)
-    raise MeshError(f"cannot make a mesh from {mesh!r}", expected="a Mesh, 'ep=4' or {'ep': 4}")
+__all__ = ["Explanation", "Ruleset", "detect_ruleset", "load_ruleset"]
 
 
 @dataclass(frozen=True)
@@ -59,24 +45,28 @@ class Ruleset:
 
     spec: RulesetSpec
     """The spec with everything it extends merged in."""
-    source: str
+    origin: RuleSource
     program: Program
-    extends: tuple[str, ...] = ()
-    """The sources of the rulesets it extends, nearest first."""
+    extends: tuple[RuleSource, ...] = ()
+    """The rulesets it extends, nearest first."""
     own_rules: frozenset[str] = frozenset()
     """Ids of the rules its own file writes (new or overriding); the others are inherited."""
     _bound: dict[str, BoundRuleset] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_spec(
-        cls, spec: RulesetSpec, *, source: str = "<string>", base_dir: str | os.PathLike[str] = "."
+        cls,
+        spec: RulesetSpec,
+        *,
+        source: str | RuleSource = "<string>",
+        base_dir: str | os.PathLike[str] = ".",
     ) -> Ruleset:
         """Check a parsed spec; an `extends` path is looked up relative to `base_dir`."""
+        origin = source if isinstance(source, RuleSource) else RuleSource(source)
         own = frozenset(rule.id for rule in spec.rules)
-        spec, chain = resolve_spec(spec, source=source, base_dir=base_dir)
-        return cls(
-            spec=spec, source=source, program=analyze(spec, source=source), extends=chain, own_rules=own
-        )
+        merged, chain = resolve_spec(spec, source=str(origin), base_dir=base_dir)
+        program = analyze(merged, source=str(origin))
+        return cls(spec=merged, origin=origin, program=program, extends=chain, own_rules=own)
 
     @classmethod
     def from_text(cls, text: str, *, source: str = "<string>") -> Ruleset:
@@ -84,14 +74,21 @@ class Ruleset:
         return cls.from_spec(parse_ruleset(text, source=source), source=source)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], *, source: str | None = None) -> Ruleset:
-        """Parse and check a rule file; `source` is how messages name it (default: the path)."""
+    def from_file(cls, path: str | os.PathLike[str], *, source: str | RuleSource | None = None) -> Ruleset:
+        """Parse and check a rule file; `source` says where it came from (default: the path)."""
         path = Path(path)
-        return cls.from_spec(load_ruleset_spec(path), source=source or str(path), base_dir=path.parent)
+        origin = source if isinstance(source, RuleSource) else RuleSource(source or str(path), path)
+        spec = load_ruleset_spec(path, source=str(origin))
+        return cls.from_spec(spec, source=origin, base_dir=path.parent)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def source(self) -> str:
+        """How messages name the ruleset: `NAME.toml (built-in)`, its path, or its label."""
+        return str(self.origin)
 
     def resolve_params(
         self, params: Mapping[str, Any] | None = None, *, config: Mapping[str, Any] | None = None
@@ -136,56 +133,101 @@ class Ruleset:
         """The decision function of one rank: `.decide(key, shape=None)`."""
         return self.bind(mesh=mesh, params=params, config=config).for_rank(rank)
 
+    def explain(
+        self,
+        key: str,
+        *,
+        mesh: MeshLike,
+        shape: Sequence[int] | None = None,
+        rank: int | None = None,
+        params: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> Explanation:
+        """Which rule decides `key`, with which captures, and what each owning rank (or only `rank`) holds of it.
+
+        `shape` is needed by rules that select part of a tensor (a layout).
+        """
+        bound = self.bind(mesh=mesh, params=params, config=config)
+        shape_t = None if shape is None else tuple(shape)
+        owners = bound.owners(key, shape_t)
+        if rank is not None:
+            bound.mesh.coords(rank)  # a rank outside the mesh is an error
+            owners = [(r, d) for r, d in owners if r == rank]
+        found = bound.classify(key)
+        return Explanation(
+            key=key,
+            shape=shape_t,
+            rule=DEFAULT_RULE if found is None else found[0].id,
+            default=self.spec.default,
+            captures={} if found is None else found[0].rule.captures(found[1]),
+            mesh=bound.mesh,
+            owners=owners,
+        )
+
     def plan(
         self,
-        source: Source | Iterable[EntryLike],
+        source: Any,
         *,
         mesh: MeshLike,
         rank: int | None = None,
         params: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> Plan | MeshPlan:
-        """Decide every entry of `source` for `rank`, or for every rank when `rank` is None.
+        """`ownership.plan(self, source, ...)`: decide every entry of `source` for `rank`, or for every rank when
+        `rank` is None (see `ownership.loading.plan.plan` for the sources it takes)."""
+        # The one call from this layer into the loading layer above it: the method users expect on a ruleset.
+        from ownership.loading.plan import plan
 
-        `source` is a checkpoint path (file or folder; params such as `num_experts` are then also read from its
-        config.json), a list of keys, a list of `(key, dtype, shape)`, or entries. `config` (for an adapter, its
-        base model's config.json) is laid over the checkpoint's own.
-        """
-        entries, own_config = _entries(source)
-        bound = self.bind(mesh=mesh, params=params, config=merge_configs(own_config, config))
-        if rank is None:
-            return build_mesh_plan(bound, entries)
-        return build_plan(bound, entries, rank=rank)
+        return plan(self, source, mesh=mesh, rank=rank, params=params, config=config)
 
 
-def merge_configs(own: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A checkpoint's own config with a given one laid over it (None when neither exists)."""
-    if own is None and given is None:
-        return None
-    return {**(own or {}), **(given or {})}
+@dataclass(frozen=True)
+class Explanation:
+    """What `Ruleset.explain` found for one key: the rule, its captures, and each owner's decision."""
+
+    key: str
+    shape: tuple[int, ...] | None
+    rule: str
+    """The id of the rule that decides the key, or `<default>`."""
+    default: str
+    """The ruleset's default, which decides keys no rule matches."""
+    captures: dict[str, int | str]
+    mesh: Mesh
+    owners: list[tuple[int, Decision]]
+
+    @property
+    def ranks(self) -> list[int]:
+        return [rank for rank, _ in self.owners]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form `ownership explain --format json` prints (docs/plan-json.md)."""
+        return {
+            "key": self.key,
+            "shape": None if self.shape is None else list(self.shape),
+            "rule": self.rule,
+            "default": self.default,
+            "captures": self.captures,
+            "mesh": dict(self.mesh.axes),
+            "owners": [
+                {"rank": rank, "coords": self.mesh.coords(rank), **decision.to_json()}
+                for rank, decision in self.owners
+            ],
+        }
 
 
-def _entries(source: Any) -> tuple[list[EntryLike], Mapping[str, Any] | None]:
-    if isinstance(source, (str, os.PathLike)):
-        from ownership.formats import open_checkpoint
-
-        with open_checkpoint(source) as checkpoint:
-            return list(checkpoint.entries()), checkpoint.config
-    items = list(source)
-    if items and not isinstance(items[0], (str, tuple, list)):
-        return items, None
-    return list(entries_from_keys(items)), None
-
-
-def load_ruleset(name_or_path: str | os.PathLike[str]) -> Ruleset:
-    """A built-in ruleset by name (`vllm-ep-lora`) or by a `model_type` it serves (`qwen3_moe`), or a rule file.
+def load_ruleset(name_or_path: str | os.PathLike[str] | Ruleset) -> Ruleset:
+    """A built-in ruleset by name (`vllm-ep-lora`) or by a `model_type` it serves (`qwen3_moe`), or a rule file;
+    a `Ruleset` is returned as it is.
 
     Example:
         >>> load_ruleset("mixtral").name
         'transformers-moe'
     """
-    path, source = rule_file(name_or_path)
-    return Ruleset.from_file(path, source=source)
+    if isinstance(name_or_path, Ruleset):
+        return name_or_path
+    origin = rule_source(name_or_path)
+    assert origin.path is not None
+    return Ruleset.from_file(origin.path, source=origin)
 
 
 def detect_ruleset(config: Mapping[str, Any] | None, *, source: str = "the checkpoint") -> Ruleset:
@@ -202,31 +244,3 @@ def detect_ruleset(config: Mapping[str, Any] | None, *, source: str = "the check
             code="unknown-ruleset",
         )
     return load_ruleset(name)
-
-
-def resolve_spec(
-    spec: RulesetSpec, *, source: str, base_dir: str | os.PathLike[str] = "."
-) -> tuple[RulesetSpec, tuple[str, ...]]:
-    """Merge what `spec` extends (built-in names, or paths relative to `base_dir`); see `ownership.compose`."""
-    return resolve(spec, source=source, find=_finder(Path(base_dir)))
-
-
-def rule_file(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]:
-    """The rule file of a path, a built-in name or a `model_type`, and how messages name it."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists() or os.sep in str(name_or_path):
-        return path, str(path)
-    name = str(name_or_path)
-    if name not in builtin_names():
-        name = builtin_for_family(name) or name
-    return builtin_path(name), f"{name}.toml (built-in)"
-
-
-def _finder(base_dir: Path) -> Callable[[str, str], tuple[RulesetSpec, str]]:
-    def find(name: str, child_source: str) -> tuple[RulesetSpec, str]:
-        if name.endswith(".toml") or "/" in name:
-            path = base_dir / name
-            return load_ruleset_spec(path), str(path)
-        return load_ruleset_spec(builtin_path(name)), f"{name}.toml (built-in)"
-
-    return find

@@ -6,7 +6,7 @@ Folders are recognised by their files, in this order: a PEFT adapter (`adapter_c
 `*.safetensors`/`*.bin`/`*.pt`). `adapter_config.json`, the config.json of its `base_model_name_or_path` when that
 is a local folder, and `config.json`, merged in that order (later wins), become the
 checkpoint's `config`, where params such as `num_experts` are read from. A checkpoint opened from a folder has
-that folder as its `root`.
+that folder as its `root`. `mmap=False` makes every read a private copy instead of a view of the file's pages.
 
 Example:
     >>> import tempfile, json, torch
@@ -28,14 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint
+from ownership.formats.base import TORCH_SUFFIXES, Checkpoint
 from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.sharded import ShardedCheckpoint
 from ownership.formats.torch_file import TorchFile
 
-__all__ = ["open_checkpoint", "read_json_object"]
+__all__ = ["CHECKPOINT_SUFFIXES", "open_checkpoint", "read_json_object"]
 
-_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES, ".json")
+"""Suffixes of the files `open_checkpoint` takes: weights, and their index (`*.index.json`)."""
 _ADAPTER_FILES = (
     "adapter_model.safetensors",
     "adapter_model.safetensors.index.json",
@@ -50,13 +51,13 @@ _WEIGHT_FILES = (
 )
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> Checkpoint:
     """Open a checkpoint file or folder, detecting its format from names and contents."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError("no such file or folder", source=str(path), fix="check the path")
     if path.is_file():
-        return _open_file(path, config=None)
+        return _open_file(path, config=None, mmap=mmap)
     adapter_config = _json(path / "adapter_config.json")
     config = _json(path / "config.json")
     base_config = _base_model_config(adapter_config, folder=path)
@@ -65,10 +66,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if adapter_config is not None:
         for name in _ADAPTER_FILES:
             if (path / name).is_file():
-                return _in_folder(_open_file(path / name, config=merged), folder=path, kind="peft-adapter")
+                checkpoint = _open_file(path / name, config=merged, mmap=mmap)
+                return _in_folder(checkpoint, folder=path, kind="peft-adapter")
     for name in _WEIGHT_FILES:
         if (path / name).is_file():
-            checkpoint = _open_file(path / name, config=merged)
+            checkpoint = _open_file(path / name, config=merged, mmap=mmap)
             return _in_folder(
                 checkpoint, folder=path, kind="hf-model" if config is not None else checkpoint.kind
             )
@@ -76,16 +78,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         p
         for p in path.iterdir()
         if p.is_file()
-        and (
-            p.name.endswith((".safetensors", ".safetensors.index.json", *_TORCH_SUFFIXES, ".bin.index.json"))
-        )
+        and (p.name.endswith((".safetensors", ".safetensors.index.json", *TORCH_SUFFIXES, ".bin.index.json")))
     )
     indexes = [p for p in candidates if p.name.endswith(".index.json")]
     if len(indexes) == 1:
-        checkpoint = _open_file(indexes[0], config=merged)
+        checkpoint = _open_file(indexes[0], config=merged, mmap=mmap)
         return _in_folder(checkpoint, folder=path, kind=checkpoint.kind)
     if len(candidates) == 1:
-        checkpoint = _open_file(candidates[0], config=merged)
+        checkpoint = _open_file(candidates[0], config=merged, mmap=mmap)
         return _in_folder(checkpoint, folder=path, kind=checkpoint.kind)
     raise CheckpointError(
         "no checkpoint recognised in this folder",
@@ -117,13 +117,13 @@ def _in_folder(checkpoint: Checkpoint, *, folder: Path, kind: str) -> Checkpoint
     return checkpoint
 
 
-def _open_file(path: Path, *, config: dict[str, Any] | None) -> Checkpoint:
+def _open_file(path: Path, *, config: dict[str, Any] | None, mmap: bool) -> Checkpoint:
     if path.name.endswith(".index.json"):
-        return ShardedCheckpoint(path, config=config)
-    if path.suffix in _TORCH_SUFFIXES:
-        return TorchFile(path, config=config)
+        return ShardedCheckpoint(path, config=config, mmap=mmap)
+    if path.suffix in TORCH_SUFFIXES:
+        return TorchFile(path, config=config, mmap=mmap)
     if path.suffix == ".safetensors":
-        return SafetensorsFile(path, config=config)
+        return SafetensorsFile(path, config=config, mmap=mmap)
     raise CheckpointError(
         "unknown checkpoint file type",
         source=str(path),

@@ -1,4 +1,4 @@
-"""A single safetensors file: entries from its JSON header, reads of exactly the owned rows (see `rows`).
+"""A single safetensors file: entries from its JSON header, reads of exactly the owned rows (see `pread`).
 
 Example:
     >>> import tempfile, torch
@@ -18,9 +18,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from ownership.dtypes import DTYPE_ITEMSIZE
 from ownership.errors import CheckpointError
-from ownership.formats.entry import TORCH_DTYPES, Entry, torch_dtype
+from ownership.formats.base import Entry
+from ownership.formats.dtypes import DTYPE_ITEMSIZE, torch_dtype, torch_dtypes
 from ownership.formats.single import SingleFile
 from ownership.gcpause import paused_gc
 
@@ -83,7 +83,7 @@ def _scan(
 ) -> Iterator[Entry]:
     """Each header item as an entry, checked: dtype known, shape of non-negative ints, data offsets inside
     the file and as long as the shape says."""
-    itemsizes, dtypes, new = DTYPE_ITEMSIZE, TORCH_DTYPES, tuple.__new__
+    itemsizes, dtypes, new = DTYPE_ITEMSIZE, torch_dtypes(), tuple.__new__
     # A few operations per entry: headers of MoE adapters hold tens of thousands of entries.
     for key, info in items:
         try:

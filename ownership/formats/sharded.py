@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, PendingRead
+from ownership.formats.base import TORCH_SUFFIXES, ByteRuns, Checkpoint, Entry, PendingRead
 from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.torch_file import TorchFile
-from ownership.selection import Selection
+from ownership.placement.selection import Selection
 
 __all__ = ["ShardedCheckpoint"]
 
@@ -41,9 +41,11 @@ __all__ = ["ShardedCheckpoint"]
 class ShardedCheckpoint(Checkpoint):
     """Shard files listed by an index JSON's `weight_map`."""
 
-    def __init__(self, index_path: str | os.PathLike[str], *, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, index_path: str | os.PathLike[str], *, config: dict[str, Any] | None = None, mmap: bool = True
+    ) -> None:
         index_path = Path(index_path)
-        super().__init__(index_path, config=config)
+        super().__init__(index_path, config=config, mmap=mmap)
         self.index_path = index_path
         self.folder = index_path.parent
         self.kind = "torch-sharded" if index_path.name.endswith(".bin.index.json") else "safetensors-sharded"
@@ -72,7 +74,11 @@ class ShardedCheckpoint(Checkpoint):
                 expected='{"weight_map": {"key": "file"}}',
                 fix="re-download the index",
             )
+        # Each shard name checked once: an index names a few hundred shards for up to hundreds of thousands of keys.
+        first_key: dict[str, str] = {}
         for key, name in weight_map.items():
+            first_key.setdefault(name, key)
+        for name, key in first_key.items():
             target = self.folder / name
             if _escapes(name):
                 raise CheckpointError(
@@ -106,11 +112,8 @@ class ShardedCheckpoint(Checkpoint):
         if shard is None:
             path = self.folder / name
             display = str(path)
-            shard = (
-                TorchFile(path, display=display, stats=self.stats)
-                if name.endswith((".bin", ".pt", ".pth"))
-                else SafetensorsFile(path, display=display, stats=self.stats)
-            )
+            kind = TorchFile if name.endswith(TORCH_SUFFIXES) else SafetensorsFile
+            shard = kind(path, display=display, stats=self.stats, mmap=self.map_pages)
             self._shards[name] = shard
         return shard
 
@@ -161,10 +164,15 @@ class ShardedCheckpoint(Checkpoint):
             if name is None:
                 self.entry(run[0][0])
                 raise AssertionError("unreachable")  # pragma: no cover
-            shard = self._shard(name)
-            shard.map_pages = self.map_pages
-            parts.append(shard.prepare_many(run))
+            parts.append(self._shard(name).prepare_many(run))
         return _Parts(parts)
+
+    def byte_runs(self, key: str, selection: Selection = None) -> ByteRuns | None:
+        name = self._weight_map.get(key)
+        if name is None:
+            self.entry(key)  # the unknown-key error
+            raise AssertionError("unreachable")  # pragma: no cover
+        return self._shard(name).byte_runs(key, selection)
 
     def close(self) -> None:
         for shard in self._shards.values():

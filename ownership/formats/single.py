@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Checkpoint, Entry, PendingRead, ReadStats, check_selection, torch_dtype
-from ownership.formats.rows import PendingReads, Prelude, ReadRequest, RowReader
+from ownership.formats.base import ByteRuns, Checkpoint, Entry, PendingRead, ReadStats, check_selection
+from ownership.formats.dtypes import dtype_itemsize, torch_dtype
+from ownership.formats.pread import PendingReads, Prelude, ReadRequest, RowReader
+from ownership.formats.spans import row_byte_spans
 from ownership.gcpause import paused_gc
-from ownership.selection import Selection
+from ownership.placement.selection import Selection
 
 __all__ = ["SingleFile"]
 
@@ -52,11 +54,12 @@ class SingleFile(Checkpoint):
         config: dict[str, Any] | None = None,
         display: str | None = None,
         stats: ReadStats | None = None,
+        mmap: bool = True,
     ) -> None:
         path = Path(path)
-        super().__init__(path, config=config, stats=stats)
+        super().__init__(path, config=config, stats=stats, mmap=mmap)
         self.display = display or str(path)
-        self._reader = RowReader(path, stats=self.stats, display=self.display)
+        self._reader = RowReader(path, stats=self.stats, display=self.display, map_pages=mmap)
         self._entries: list[Entry] = []
         self._by_key: dict[str, Entry] = {}
         self._failure: CheckpointError | None = None
@@ -141,8 +144,19 @@ class SingleFile(Checkpoint):
                 (offset, torch_dtype(entry.dtype, key=key, source=self.display), entry.shape, selection)
             )
             preludes.append(prelude)
-        self._reader.map_pages = self.map_pages
         return _Pending(self, self._reader.prepare(located, preludes=preludes), entries, preludes, others)
+
+    def _data_offset(self, entry: Entry) -> int | None:
+        """Where the entry's bytes start, row-major, without a prelude (None: the back-end reads it itself)."""
+        return entry.offset
+
+    def byte_runs(self, key: str, selection: Selection = None) -> ByteRuns | None:
+        entry = self._checked(key, selection)
+        spans = row_byte_spans(selection, shape=entry.shape, itemsize=dtype_itemsize(entry.dtype))
+        offset = None if spans is None else self._data_offset(entry)
+        if spans is None or offset is None:
+            return None
+        return ByteRuns(self._reader.path, [(offset + lo, hi - lo) for lo, hi in spans])
 
     def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
         """Read an entry that has no data offset; back-ends whose entries all have one never get here."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ownership.selection import DimSelection, Selection, dim_indices
+from ownership.placement.selection import DimSelection, Selection, dim_indices
 
 __all__ = ["compact", "take", "take_dims"]
 

@@ -1,6 +1,6 @@
 """PyTorch `.bin`/`.pt` state dicts, reading only the owned bytes.
 
-A zip file written by `torch.save` is described by `torch_layout` (an allow-listed reading of its pickle) and
+A zip file written by `torch.save` is described by `torch_pickle` (an allow-listed reading of its pickle) and
 its tensors are read with `preadv` like safetensors, each record's local header in the same read as its data. A
 pickle that description cannot read goes whole through `torch.load(mmap=True, weights_only=True)`, and so does
 a single tensor it cannot place (not contiguous, a compressed record): tensors over the mapped file, data
@@ -28,12 +28,14 @@ from pathlib import Path
 import torch
 
 from ownership.errors import CheckpointError
-from ownership.formats.entry import Entry, dtype_name
-from ownership.formats.rows import Prelude
+from ownership.formats.base import Entry
+from ownership.formats.dtypes import dtype_name
+from ownership.formats.mapped import Prelude
 from ownership.formats.single import SingleFile
+from ownership.formats.spans import selection_read_count
 from ownership.formats.take import take
-from ownership.formats.torch_layout import PickledState, data_offset_from, read_pickle
-from ownership.selection import Selection, selection_read_count
+from ownership.formats.torch_pickle import PickledState, data_offset_from, read_pickle
+from ownership.placement.selection import Selection
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
 
@@ -150,6 +152,9 @@ class TorchFile(SingleFile):
                 offset = data_offset_from(self._reader.peek(where.record, 30), where.record) + where.within
             self._offsets[key] = offset
         return self._offsets[key]
+
+    def _data_offset(self, entry: Entry) -> int | None:
+        return self.data_offset(entry.key)
 
     def _locate(self, entry: Entry) -> tuple[int | None, Prelude | None]:
         # A record's local header is read in the same call as its data, at the length torch.save gives it,

@@ -107,6 +107,8 @@ class LintReport:
     mesh: str | None
     num_keys: int | None
     findings: list[Finding] = field(default_factory=list)
+    rule_file: str | None = None
+    """The rule file's path, where the ruleset came from one (SARIF points findings at its lines)."""
 
     def add(self, check: str, message: str, **fields: Any) -> None:
         level: Level = fields.pop("level", None) or CHECKS[check][0]
@@ -121,6 +123,3 @@ class LintReport:
     def exit_code(self) -> int:
         """0 when no finding is an error, 1 otherwise."""
         return 1 if self.num_errors else 0
-
-    def checks(self) -> set[str]:
-        return {f.check for f in self.findings}

@@ -5,9 +5,10 @@ adds the checks that need the whole ruleset: captures never used, patterns whose
 and raw regexes with catastrophic backtracking.
 
 Example:
-    >>> from ownership.spec import parse_ruleset
+    >>> from ownership.spec.program import check
+    >>> from ownership.spec.schema import parse_ruleset
     >>> spec = parse_ruleset('name = "x"\\naxes = []\\n[[rule]]\\nid = "all"\\nmatch = "**"\\n[[rule]]\\nid = "w"\\nmatch = "**.weight"\\n')
-    >>> [f.check for f in static_findings(spec, source="x.toml")]
+    >>> [f.check for f in static_findings(*check(spec, source="x.toml"))]
     ['never-matches']
 """
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 import itertools
 import re
 
+from ownership.errors import RulesetError
 from ownership.lint.finding import Finding
-from ownership.rules import AnalyzedRule, Program, analyze, problems
-from ownership.spec import RulesetSpec
+from ownership.spec.program import AnalyzedRule, Program
 
-__all__ = ["example_keys", "static_findings"]
+__all__ = ["example_keys", "finding_of", "static_findings"]
 
 # A repeated group (not atomic, not possessive): (body)+, (body)*, (body){n,}.
 _REPEATED_GROUP = re.compile(r"\((?!\?>)((?:[^()\\]|\\.)*)\)(?:[+*]|\{\d*,\d*\})(?![+])")
@@ -28,16 +29,17 @@ _REPEATED_GROUP = re.compile(r"\((?!\?>)((?:[^()\\]|\\.)*)\)(?:[+*]|\{\d*,\d*\})
 _INNER_QUANTIFIER = re.compile(r"(?<!\\)(?:[+*]|\{\d*,\d*\})(?![+])")
 
 
-def static_findings(spec: RulesetSpec, *, source: str) -> list[Finding]:
-    """Every static finding; compiler problems first, then the ruleset-wide checks when it compiles."""
-    found = [
-        Finding(error.code or "schema", "error", error.message, rule=error.rule, fix=error.fix)
-        for error in problems(spec, source=source)
-    ]
-    if found:
-        return found
-    program = analyze(spec, source=source)
+def static_findings(program: Program | None, problems: list[RulesetError]) -> list[Finding]:
+    """Every static finding of one analysis (`ownership.spec.program.check`): the compiler's problems, or, when
+    there are none, the ruleset-wide checks."""
+    if program is None:
+        return [finding_of(error) for error in problems]
     return [*_unused_captures(program), *_never_matches(program), *_backtracking(program)]
+
+
+def finding_of(error: RulesetError) -> Finding:
+    """A compiler error as a finding under its own code."""
+    return Finding(error.code or "schema", "error", error.message, rule=error.rule, fix=error.fix)
 
 
 def _unused_captures(program: Program) -> list[Finding]:
@@ -100,10 +102,10 @@ def _never_matches(program: Program) -> list[Finding]:
         takers: set[str] = set()
         reached = False
         for key in example_keys(rule.spec.match):
-            m = together.match(key)
-            if m is None:
+            found = together.classify(key)
+            if found is None:
                 continue  # a dot-joining corner of the generator; says nothing
-            winner = together.rule_of(m)
+            winner = found.rule
             if winner.index >= rule.index:
                 reached = True
                 break

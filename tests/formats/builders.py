@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ownership.selection import Selection, dim_indices
+from ownership.placement.selection import Selection, dim_indices
 
 __all__ = [
     "reference",

@@ -1,0 +1,471 @@
+"""The `ownership` command line: explain, plan, load, lint and test rulesets; tables for people, JSON for machines.
+
+Exit status: 0 on success, 1 when a check finds problems (lint, test), 2 on unusable input (the message names
+the file, rule, key and fix).
+
+Each command reads its inputs once: the ruleset is loaded (or picked from the checkpoint's `model_type` for
+`auto`) and the checkpoint opened a single time, then handed on as objects.
+
+Example:
+    $ ownership explain vllm-ep-lora base_model.model.model.layers.0.mlp.experts.70.up_proj.lora_A.weight \\
+        --mesh ep=4 --param num_experts=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ownership.cli.render import (
+    human_bytes,
+    print_case_report,
+    print_explanation,
+    print_json,
+    print_mesh_plan,
+    print_rank_plan,
+    print_table,
+)
+from ownership.errors import OwnershipError, RulesetError
+from ownership.formats.base import Checkpoint
+from ownership.formats.detect import CHECKPOINT_SUFFIXES, open_checkpoint, read_json_object
+from ownership.lint.case_file import case_file_for, load_cases
+from ownership.lint.cases import run_cases
+from ownership.loading.entries import KeyEntry, read_keys_file
+from ownership.loading.plan import MeshPlan, Plan, plan
+from ownership.placement.mesh import to_mesh
+from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset
+from ownership.spec.builtin import builtin_names, rule_source
+from ownership.spec.params import coerce_param, merge_configs
+from ownership.spec.schema import load_ruleset_spec, ruleset_json_schema
+
+__all__ = ["main", "parse_params"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except OwnershipError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+_RULESET_HELP = (
+    "built-in ruleset name, a model_type, a rule file path, or `auto` (from the checkpoint's config.json); "
+    "may be left out when a checkpoint is given"
+)
+_CONFIG_HELP = "the base model's config.json, for params and model_type (adapters carry none)"
+_KEYS_HELP = "key list: one key a line, optionally key<TAB>dtype<TAB>[shape]"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ownership",
+        description="Decide from declarative rules which part of a checkpoint each rank owns, and load exactly that.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    explain = commands.add_parser("explain", help="which rule decides a key, and who owns what of it")
+    explain.add_argument("ruleset", help="built-in ruleset name or rule file path")
+    explain.add_argument("key", help="tensor name")
+    explain.add_argument(
+        "--shape", type=_shape, help="tensor shape, e.g. 24,32 (needed by rules with a layout)"
+    )
+    explain.add_argument("--rank", type=int, help="only this rank (default: every rank)")
+    _common(explain)
+    explain.set_defaults(handler=_explain)
+
+    plan_ = commands.add_parser("plan", help="what each rank owns of a checkpoint or key list")
+    plan_.add_argument("ruleset", help=_RULESET_HELP)
+    plan_.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
+    plan_.add_argument("--keys", type=Path, help=_KEYS_HELP)
+    which = plan_.add_mutually_exclusive_group(required=True)
+    which.add_argument("--rank", type=int, help="one rank")
+    which.add_argument("--all-ranks", action="store_true", help="every rank of the mesh")
+    _common(plan_)
+    plan_.set_defaults(handler=_plan)
+
+    rules = commands.add_parser("rules", help="built-in rulesets")
+    rules_commands = rules.add_subparsers(metavar="ACTION")
+    rules_list = rules_commands.add_parser("list", help="list the built-in rulesets")
+    rules_list.add_argument("--format", choices=("table", "json"), default="table")
+    rules_list.set_defaults(handler=_rules_list)
+    rules_show = rules_commands.add_parser("show", help="print a ruleset's file")
+    rules_show.add_argument("name", help="built-in ruleset name or rule file path")
+    rules_show.set_defaults(handler=_rules_show)
+
+    load = commands.add_parser("load", help="read one rank's share of a checkpoint into a safetensors file")
+    load.add_argument("ruleset", help=_RULESET_HELP)
+    load.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
+    load.add_argument("--rank", type=int, required=True, help="the rank to load")
+    load.add_argument("--out", type=Path, required=True, help="output .safetensors file (written atomically)")
+    load.add_argument("--dtype", help="cast floating-point tensors, e.g. bfloat16")
+    _common(load)
+    load.set_defaults(handler=_load)
+
+    lint = commands.add_parser(
+        "lint", help="prove a ruleset against a checkpoint and a mesh (exit 1 on errors)"
+    )
+    lint.add_argument("ruleset", help=_RULESET_HELP)
+    lint.add_argument("checkpoint", nargs="?", help="checkpoint file or folder (headers only are read)")
+    lint.add_argument("--keys", type=Path, help=_KEYS_HELP)
+    lint.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
+    lint.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a ruleset param")
+    lint.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    lint.add_argument("--format", choices=("text", "json", "sarif"), default="text")
+    lint.set_defaults(handler=_lint)
+
+    test = commands.add_parser(
+        "test",
+        help="run a ruleset's annotated cases (exit 1 on failures)",
+        description="Check a ruleset against its case file: the owners, selection and local key of each key.",
+    )
+    test.add_argument("ruleset", help="built-in ruleset name or rule file path")
+    test.add_argument(
+        "--cases",
+        type=Path,
+        help="case file (default: NAME.cases.toml beside the rule file; built-ins in rules/)",
+    )
+    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.set_defaults(handler=_test)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of rule files")
+    schema.set_defaults(handler=_schema)
+
+    demo = commands.add_parser("demo", help="plan and load a synthetic MoE LoRA adapter at ep=4")
+    demo.add_argument("--ep", type=int, default=4, help="expert-parallel size")
+    demo.add_argument("--rank", type=int, default=1, help="the rank to load")
+    demo.set_defaults(handler=_demo)
+
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a ruleset param (repeatable), e.g. num_experts=128; JSON values allowed",
+    )
+    parser.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.strip("[]() ").split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not a comma-separated list of ints") from None
+
+
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """`NAME=VALUE` items to a dict; values parse as JSON where they can."""
+    params: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise OwnershipError(
+                f"cannot read --param {item!r}",
+                expected="NAME=VALUE",
+                fix="write e.g. --param num_experts=128",
+            )
+        params[name.strip()] = coerce_param(value.strip())
+    return params
+
+
+def _read_config(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    return read_json_object(
+        path,
+        what="the config file",
+        expected="a config.json (a JSON object)",
+        fix="point --config at the base model's config.json",
+    )
+
+
+def _explain(args: argparse.Namespace) -> int:
+    ruleset = load_ruleset(args.ruleset)
+    found = ruleset.explain(
+        args.key,
+        mesh=args.mesh,
+        shape=args.shape,
+        rank=args.rank,
+        params=parse_params(args.param),
+        config=_read_config(args.config),
+    )
+    if args.format == "json":
+        print_json(found.to_json())
+    else:
+        print_explanation(found, rank=args.rank)
+    return 0
+
+
+@dataclass
+class _Inputs:
+    """What a plan, load or lint works on, each read once: the ruleset, the checkpoint (open) or key list, the
+    params given and the `--config` file."""
+
+    ruleset: Ruleset
+    source: Checkpoint | list[KeyEntry] | None
+    name: str
+    """How the output names the source: the checkpoint's path or the key list's."""
+    params: dict[str, Any]
+    config: dict[str, Any] | None
+
+
+@contextmanager
+def _inputs(args: argparse.Namespace) -> Iterator[_Inputs]:
+    """The command's inputs; an open checkpoint is closed when the block ends.
+
+    `ownership plan CKPT ...` (one positional that is a checkpoint) means `auto`: the ruleset is picked from the
+    checkpoint's `model_type` (with --config laid over its config).
+    """
+    keys: Path | None = getattr(args, "keys", None)
+    if args.checkpoint is None and keys is None and _is_checkpoint(args.ruleset):
+        args.checkpoint, args.ruleset = args.ruleset, "auto"
+    if keys is not None and args.checkpoint is not None:
+        raise OwnershipError("give a checkpoint or --keys, not both", fix="drop one of them")
+    config = _read_config(args.config)
+    with ExitStack() as stack:
+        source: Checkpoint | list[KeyEntry] | None = None
+        name = ""
+        if keys is not None:
+            source, name = _read_keys(keys), str(keys)
+        elif args.checkpoint is not None:
+            source, name = stack.enter_context(open_checkpoint(args.checkpoint)), args.checkpoint
+        if args.ruleset == "auto":
+            own = source.config if isinstance(source, Checkpoint) else None
+            ruleset = detect_ruleset(merge_configs(own, config), source=args.checkpoint or "the checkpoint")
+        else:
+            ruleset = load_ruleset(args.ruleset)
+        yield _Inputs(ruleset, source, name, parse_params(args.param), config)
+
+
+def _is_checkpoint(text: str) -> bool:
+    path = Path(text)
+    return path.is_dir() or (path.is_file() and path.suffix in CHECKPOINT_SUFFIXES)
+
+
+def _read_keys(path: Path) -> list[KeyEntry]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise OwnershipError("cannot read the key list", source=str(path), found=error.strerror) from None
+    return read_keys_file(lines, source=str(path))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    with _inputs(args) as given:
+        if given.source is None:
+            raise OwnershipError("nothing to plan", fix="give a checkpoint path or --keys FILE")
+        result = plan(
+            given.ruleset,
+            given.source,
+            mesh=args.mesh,
+            rank=None if args.all_ranks else args.rank,
+            params=given.params,
+            config=given.config,
+        )
+    if args.format == "json":
+        print_json(_plan_json(result, given.ruleset, mesh=args.mesh))
+    elif isinstance(result, MeshPlan):
+        print_mesh_plan(result, given.name)
+    else:
+        print_rank_plan(result, given.name)
+    return 0
+
+
+def _plan_json(result: Plan | MeshPlan, ruleset: Ruleset, *, mesh: str) -> dict[str, Any]:
+    if isinstance(result, MeshPlan):
+        return result.to_json()
+    return {
+        "ruleset": ruleset.name,
+        "mesh": dict(to_mesh(mesh).axes),
+        "params": result.params,
+        "bytes_total": result.bytes_total,
+        "ranks": [result.to_json()],
+    }
+
+
+def _rules_list(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
+    for name in builtin_names():
+        ruleset = load_ruleset(name)
+        spec = ruleset.spec
+        rows.append(
+            {
+                "name": name,
+                "extends": [parent.name for parent in ruleset.extends],
+                "axes": spec.axes,
+                "families": spec.families,
+                "summary": spec.summary,
+            }
+        )
+    if args.format == "json":
+        print_json(rows)
+        return 0
+    print_table(
+        ["name", "extends", "axes", "families (model_type)", "summary"],
+        [
+            [
+                r["name"],
+                " < ".join(r["extends"]),
+                ",".join(r["axes"]),
+                ", ".join(r["families"]) or "any",
+                r["summary"],
+            ]
+            for r in rows
+        ],
+    )
+    return 0
+
+
+def _rules_show(args: argparse.Namespace) -> int:
+    path = Path(args.name)
+    origin = rule_source(path if path.is_file() else args.name)
+    ruleset = load_ruleset(path if path.is_file() else args.name)  # show only what loads
+    assert origin.path is not None
+    print(f"# {origin.path}")
+    print(origin.path.read_text(encoding="utf-8"), end="")
+    if ruleset.extends:
+        own = {rule.id for rule in load_ruleset_spec(origin.path).rules}
+        print(f"\n# extends {' < '.join(map(str, ruleset.extends))}; the merged rules, first match wins:")
+        for rule in ruleset.program.rules:
+            written = (
+                f"overrides {rule.spec.overrides!r}"
+                if rule.spec.overrides
+                else ("this file" if rule.id in own else "inherited")
+            )
+            when = (
+                " when " + ", ".join(f"{k}={v}" for k, v in rule.spec.when.items()) if rule.spec.when else ""
+            )
+            print(f"#   {rule.id:<28} {written:<32} {rule.spec.match or rule.spec.regex}{when}")
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    from ownership.formats.shardfile import save_shard
+    from ownership.loading.loader import load
+
+    dtype = _torch_dtype(args.dtype) if args.dtype else None
+    with _inputs(args) as given:
+        if not isinstance(given.source, Checkpoint):
+            raise OwnershipError("nothing to load", fix="give a checkpoint file or folder")
+        result = load(
+            given.ruleset,
+            given.source,
+            mesh=args.mesh,
+            rank=args.rank,
+            params=given.params,
+            config=given.config,
+            dtype=dtype,
+        )
+        shapes = {entry.key: entry.shape for entry, _ in result.plan.owned_entries()}
+        pieces = [(d, shapes[d.key] or (), result.tensors[d.local_key or d.key]) for d in result.plan.owned]
+        info = {
+            "ruleset": given.ruleset.name,
+            "mesh": args.mesh,
+            "rank": args.rank,
+            "coords": result.plan.coords,
+        }
+        # Written while the checkpoint is open: tensors may be views of its pages.
+        save_shard(args.out, pieces, info=info)
+    stats = result.stats
+    summary = {
+        "out": str(args.out),
+        "rank": args.rank,
+        "tensors": stats.num_tensors,
+        "bytes_total": stats.bytes_total,
+        "bytes_owned": stats.bytes_owned,
+        "bytes_read": stats.bytes_read,
+        "files_opened": stats.files_opened,
+        "seconds": round(stats.seconds, 4),
+    }
+    if args.format == "json":
+        print_json(summary)
+    else:
+        print(
+            f"rank {args.rank}: {stats.num_tensors} tensors, read {human_bytes(stats.bytes_read)} "
+            f"(owned {human_bytes(stats.bytes_owned)}) of {human_bytes(stats.bytes_total)} "
+            f"in {stats.seconds:.3f} s -> {args.out}"
+        )
+    return 0
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise OwnershipError(
+            f"unknown dtype {name!r}",
+            expected="a torch dtype name such as bfloat16 or float32",
+            fix="pass --dtype bfloat16",
+        )
+    return value
+
+
+def _lint(args: argparse.Namespace) -> int:
+    from ownership.lint import lint, to_json, to_sarif, to_text
+    from ownership.lint.output import rule_lines
+
+    with _inputs(args) as given:
+        report = lint(given.ruleset, given.source, mesh=args.mesh, params=given.params, config=given.config)
+    if args.format == "json":
+        print_json(to_json(report))
+    elif args.format == "sarif":
+        lines = rule_lines(report.rule_file) if report.rule_file is not None else {}
+        print_json(to_sarif(report, rule_lines=lines))
+    else:
+        print(to_text(report))
+    return report.exit_code
+
+
+def _test(args: argparse.Namespace) -> int:
+    """`ownership test RULESET [--cases FILE] [--format text|json]`: run a ruleset's case file; 0 when every
+    check passes, 1 when one fails, 2 (the error on stderr) when the ruleset or the case file cannot be used."""
+    ruleset = load_ruleset(args.ruleset)
+    path = Path(args.cases) if args.cases else case_file_for(ruleset)
+    if not path.is_file():
+        raise RulesetError(
+            f"no case file for ruleset {ruleset.name!r}",
+            source=str(path),
+            found="no such file",
+            fix="write one (docs/cases.md), or pass --cases FILE",
+            code="no-case-file",
+        )
+    report = run_cases(ruleset, load_cases(path))
+    if args.format == "json":
+        print_json(report.to_json())
+    else:
+        print_case_report(report)
+    return 0 if report.ok else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ownership.cli.demo import run_demo
+
+    run_demo(ep=args.ep, rank=args.rank)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    del args
+    print_json(ruleset_json_schema())
+    return 0

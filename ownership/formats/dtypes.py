@@ -1,0 +1,122 @@
+"""The one dtype table: checkpoint dtype names (safetensors spelling), their sizes, their torch dtypes and the
+storage classes `torch.save` pickles them as.
+
+Sizes need no torch; the torch side is resolved on first use, and dtypes this torch lacks (float8 on an old
+build) are simply absent from it.
+
+Example:
+    >>> dtype_itemsize("BF16")
+    2
+    >>> import torch
+    >>> torch_dtype("F8_E4M3", key="k", source="s"), dtype_name(torch.bfloat16)
+    (torch.float8_e4m3fn, 'BF16')
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING, NamedTuple
+
+from ownership.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPES",
+    "DTYPE_ITEMSIZE",
+    "STORAGE_DTYPES",
+    "DType",
+    "dtype_itemsize",
+    "dtype_name",
+    "torch_dtype",
+    "torch_dtypes",
+]
+
+
+class DType(NamedTuple):
+    """One dtype: its size in bytes, its `torch` attribute, and the pickled storage class of old `torch.save`
+    files (None where torch.save never wrote one)."""
+
+    itemsize: int
+    torch_name: str
+    storage: str | None = None
+
+
+DTYPES: dict[str, DType] = {
+    "F64": DType(8, "float64", "DoubleStorage"),
+    "F32": DType(4, "float32", "FloatStorage"),
+    "F16": DType(2, "float16", "HalfStorage"),
+    "BF16": DType(2, "bfloat16", "BFloat16Storage"),
+    "F8_E4M3": DType(1, "float8_e4m3fn"),
+    "F8_E5M2": DType(1, "float8_e5m2"),
+    "F8_E8M0": DType(1, "float8_e8m0fnu"),
+    "I64": DType(8, "int64", "LongStorage"),
+    "I32": DType(4, "int32", "IntStorage"),
+    "I16": DType(2, "int16", "ShortStorage"),
+    "I8": DType(1, "int8", "CharStorage"),
+    "U64": DType(8, "uint64"),
+    "U32": DType(4, "uint32"),
+    "U16": DType(2, "uint16"),
+    "U8": DType(1, "uint8", "ByteStorage"),
+    "BOOL": DType(1, "bool", "BoolStorage"),
+    "C64": DType(8, "complex64"),
+}
+
+DTYPE_ITEMSIZE: dict[str, int] = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+"""Bytes per element, by name: the per-entry look-up of header scans."""
+
+STORAGE_DTYPES: dict[str, tuple[str, int]] = {
+    dtype.storage: (name, dtype.itemsize) for name, dtype in DTYPES.items() if dtype.storage is not None
+}
+"""Pickled storage class -> (dtype name, itemsize)."""
+
+
+def dtype_itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name."""
+    size = DTYPE_ITEMSIZE.get(dtype)
+    if size is not None:
+        return size
+    try:
+        return DTYPE_ITEMSIZE[dtype.upper()]
+    except KeyError:
+        raise CheckpointError(
+            f"unknown dtype {dtype!r}",
+            found=repr(dtype),
+            expected=f"one of {', '.join(DTYPE_ITEMSIZE)}",
+            fix="use safetensors dtype names (F32, BF16, ...)",
+        ) from None
+
+
+@lru_cache(maxsize=1)
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Name -> torch dtype, for the dtypes this torch has."""
+    import torch
+
+    found = {name: getattr(torch, dtype.torch_name, None) for name, dtype in DTYPES.items()}
+    return {name: value for name, value in found.items() if isinstance(value, torch.dtype)}
+
+
+@lru_cache(maxsize=1)
+def _names() -> dict[torch.dtype, str]:
+    return {dtype: name for name, dtype in torch_dtypes().items()}
+
+
+def torch_dtype(name: str, *, key: str, source: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    try:
+        return torch_dtypes()[name]
+    except KeyError:
+        raise CheckpointError(
+            f"dtype {name!r} has no torch equivalent here",
+            source=source,
+            key=key,
+            found=name,
+            expected=f"one of {', '.join(torch_dtypes())}",
+            fix="upgrade torch, or convert the checkpoint",
+        ) from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return _names().get(dtype, str(dtype).removeprefix("torch."))

@@ -1,0 +1,423 @@
+"""The linter: every check fires on a ruleset made to trigger it and stays quiet on its fixed twin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ownership.cli import main
+from ownership.lint import lint, to_json, to_sarif, to_text
+from ownership.lint.finding import CHECKS
+from ownership.spec.builtin import builtin_path
+from tests.conftest import FIXTURES
+
+HEAD = 'name = "t"\naxes = ["ep", "tp"]\ndefault = "replicate"\n[params.num_experts]\ndefault = 4\n'
+EXPERT = (
+    '[[rule]]\nid = "expert"\nmatch = "**.experts.<expert>.**"\n'
+    'place = { expert = { over = "ep", size = "num_experts" } }\n'
+)
+KEYS = [f"m.layers.0.mlp.experts.{e}.w1.lora_{ab}.weight" for e in range(4) for ab in "AB"]
+
+
+def checks(
+    text: str,
+    keys: list[object] | None = KEYS,
+    mesh: str = "ep=2",
+    config: dict[str, object] | None = None,
+    **params: object,
+) -> dict[str, str]:
+    """check id -> the text of its first finding."""
+    report = lint("t", keys, mesh=mesh, params=params, config=config, text=text)
+    out: dict[str, str] = {}
+    for finding in report.findings:
+        out.setdefault(finding.check, finding.text())
+    return out
+
+
+def errors(text: str, keys: list[object] | None = KEYS, mesh: str = "ep=2", **params: object) -> set[str]:
+    report = lint("t", keys, mesh=mesh, params=params, text=text)
+    return {f.check for f in report.findings if f.level == "error"}
+
+
+FUSED_A = """
+[[rule]]
+id = "fused-a"
+match = "**.experts.lora_A.weight"
+layout = "(expert r) in"
+place = { expert = { over = "ep", size = "num_experts" } }
+"""
+
+# (check id, a ruleset/keys that trigger it, its fixed twin, the expected text)
+CASES = [
+    (
+        "unused-capture",
+        dict(text=HEAD + EXPERT + '[[rule]]\nid = "proj"\nmatch = "**.<proj:seg>.lora_A.weight"\n'),
+        dict(text=HEAD + EXPERT + '[[rule]]\nid = "proj"\nmatch = "**.*.lora_A.weight"\n'),
+        "warning unused-capture: rule 'proj': capture 'proj' is neither placed nor used by a rename. Fix: place it, "
+        "use it in `rename`, or match it with * instead of <proj>",
+    ),
+    (
+        "never-matches",
+        dict(text=HEAD + '[[rule]]\nid = "all"\nmatch = "**"\n' + EXPERT),
+        dict(text=HEAD + EXPERT + '[[rule]]\nid = "all"\nmatch = "**"\n'),
+        "warning never-matches: rule 'expert': every example key of its pattern is taken first by rule all. Fix: "
+        "move this rule above the broader one, or narrow the broader pattern",
+    ),
+    (
+        "backtracking-risk",
+        dict(text=HEAD + "[[rule]]\nid = \"slow\"\nregex = '(?:\\w+\\.?)*\\.weight'\n"),
+        dict(text=HEAD + "[[rule]]\nid = \"slow\"\nregex = '(?:[^.]+\\.)*weight'\n"),
+        "error backtracking-risk: rule 'slow': raw regex can backtrack exponentially: nested quantifier "
+        "'(?:\\\\w+\\\\.?)*'. Fix: make the inner quantifier possessive (x++) or the group atomic ((?>...)), or use a "
+        "template",
+    ),
+    (
+        "duplicate-rule-id",
+        dict(text=HEAD + EXPERT + EXPERT.replace("**.experts", "**.mlp.experts")),
+        dict(
+            text=HEAD
+            + EXPERT
+            + EXPERT.replace("**.experts", "**.mlp.experts").replace('"expert"\nmatch', '"e2"\nmatch')
+        ),
+        "error duplicate-rule-id: rule 'expert': duplicate rule id 'expert'. Fix: rename one of the rules",
+    ),
+    (
+        "schema",
+        dict(text=HEAD + EXPERT.replace("place =", "placee =")),
+        dict(text=HEAD + EXPERT),
+        "error schema: rule 'expert': unknown field 'placee'. Fix: remove the field or correct its spelling",
+    ),
+    (
+        "missing-param",
+        dict(text=HEAD.replace("default = 4\n", "") + EXPERT),
+        dict(text=HEAD + EXPERT),
+        "error missing-param: missing param 'num_experts' (used by rule 'expert'). Fix: pass --param "
+        "num_experts=VALUE (params={'num_experts': ...} in Python)",
+    ),
+    (
+        "dead-rule",
+        dict(text=HEAD + EXPERT + '[[rule]]\nid = "router"\nmatch = "**.mlp.gate.lora_A.weight"\n'),
+        dict(
+            text=HEAD + EXPERT + '[[rule]]\nid = "router"\nmatch = "**.mlp.gate.lora_A.weight"\n',
+            keys=[*KEYS, "m.layers.0.mlp.gate.lora_A.weight"],
+        ),
+        "error dead-rule: rule 'router': pattern '**.mlp.gate.lora_A.weight' matches no key of the checkpoint. Fix: "
+        "fix the pattern against the checkpoint's keys, or remove the rule",
+    ),
+    (
+        "shadowed-rule",
+        dict(text=HEAD + '[[rule]]\nid = "w1"\nmatch = "**.w1.**"\n' + EXPERT),
+        dict(text=HEAD + EXPERT + '[[rule]]\nid = "w1"\nmatch = "**.w1.**"\n', keys=[*KEYS, "m.w1.x"]),
+        "error shadowed-rule: rule 'expert': keys 'm.layers.0.mlp.experts.0.w1.lora_A.weight', "
+        "'m.layers.0.mlp.experts.0.w1.lora_B.weight', 'm.layers.0.mlp.experts.1.w1.lora_A.weight' (+5 more): every "
+        "key it matches is taken first by rule w1. Fix: move it above the rule that takes its keys, or narrow that "
+        "rule's pattern",
+    ),
+    (
+        "unmatched-key",
+        dict(text=HEAD.replace('"replicate"', '"error"') + EXPERT, keys=[*KEYS, "m.norm.weight"]),
+        dict(
+            text=HEAD.replace('"replicate"', '"error"')
+            + EXPERT
+            + '[[rule]]\nid = "norm"\nmatch = "**.norm.weight"\n',
+            keys=[*KEYS, "m.norm.weight"],
+        ),
+        "error unmatched-key: key 'm.norm.weight': 1 keys match no rule and the ruleset's default is \"error\". Fix: "
+        'add rules for them, or set default = "replicate" or "drop"',
+    ),
+    (
+        "index-out-of-range",
+        dict(text=HEAD + EXPERT, num_experts=3),
+        dict(text=HEAD + EXPERT, num_experts=4),
+        "error index-out-of-range: rule 'expert': keys 'm.layers.0.mlp.experts.3.w1.lora_A.weight', "
+        "'m.layers.0.mlp.experts.3.w1.lora_B.weight': captured expert 3 is out of range (found 3, expected 0..2 "
+        "(num_experts=3)) in 2 keys. Fix: check the param behind the size of 'expert' against the checkpoint",
+    ),
+    (
+        "layout-mismatch",
+        dict(
+            text=HEAD + '[[rule]]\nid = "a"\nmatch = "**.lora_A.weight"\nlayout = "(expert r) in"\n'
+            'place = { expert = { over = "ep", size = "num_experts" } }\n',
+            keys=[("m.lora_A.weight", "F32", [6, 8])],
+        ),
+        dict(
+            text=HEAD + '[[rule]]\nid = "a"\nmatch = "**.lora_A.weight"\nlayout = "(expert r) in"\n'
+            'place = { expert = { over = "ep", size = "num_experts" } }\n',
+            keys=[("m.lora_A.weight", "F32", [8, 8])],
+        ),
+        "error layout-mismatch: rule 'a': key 'm.lora_A.weight': dim (expert r) of layout '(expert r) in' does not "
+        "fit the shape (found size 6, expected a multiple of expert=4). Fix: check the params (e.g. num_experts) "
+        "against the checkpoint, or the rule's layout",
+    ),
+    (
+        "shape-needed",
+        dict(
+            text=HEAD + '[[rule]]\nid = "a"\nmatch = "**.lora_A.weight"\nlayout = "r in"\n'
+            'place = { in = { over = "tp", strategy = "shard" } }\n',
+            keys=["m.lora_A.weight"],
+        ),
+        dict(
+            text=HEAD + '[[rule]]\nid = "a"\nmatch = "**.lora_A.weight"\nlayout = "r in"\n'
+            'place = { in = { over = "tp", strategy = "shard" } }\n',
+            keys=[("m.lora_A.weight", "F32", [4, 8])],
+        ),
+        "error shape-needed: rule 'a': key 'm.lora_A.weight': this rule selects part of the tensor and needs its "
+        "shape (expected a shape). Fix: pass shape= (or --shape 24,32), or plan from a checkpoint whose headers give it",
+    ),
+    (
+        "shard-does-not-divide",
+        dict(
+            text=HEAD + '[[rule]]\nid = "a"\nmatch = "**.lora_A.weight"\nlayout = "r in"\n'
+            'place = { in = { over = "tp", strategy = "shard" } }\n',
+            keys=[("m.lora_A.weight", "F32", [4, 9])],
+            mesh="tp=2",
+        ),
+        dict(
+            text=HEAD + '[[rule]]\nid = "a"\nmatch = "**.lora_A.weight"\nlayout = "r in"\n'
+            'place = { in = { over = "tp", strategy = "shard", uneven = true } }\n',
+            keys=[("m.lora_A.weight", "F32", [4, 9])],
+            mesh="tp=2",
+        ),
+        "error shard-does-not-divide: rule 'a': key 'm.lora_A.weight': cannot shard 'in' over tp=2: size 9 does not "
+        "divide over 2 coordinates (found in of size 9, expected a multiple of 2). Fix: set uneven = true on place.in "
+        "to allow an uneven split, or change the mesh",
+    ),
+    (
+        "integrity",
+        dict(
+            text=HEAD
+            + EXPERT.replace('size = "num_experts"', 'size = "num_experts", strategy = "vllm_contiguous"'),
+            keys=[f"m.experts.{e}.w.lora_A.weight" for e in range(10)],
+            mesh="ep=4",
+            num_experts=10,
+        ),
+        dict(
+            text=HEAD + EXPERT,
+            keys=[f"m.experts.{e}.w.lora_A.weight" for e in range(10)],
+            mesh="ep=4",
+            num_experts=10,
+        ),
+        "error integrity: rule 'expert': keys 'm.experts.8.w.lora_A.weight', 'm.experts.9.w.lora_A.weight': some "
+        "expert ids are owned by no rank: 2 keys would be lost. Fix: use a strategy that covers every expert "
+        "(linear, round_robin), or check the size",
+    ),
+    (
+        "local-name-collision",
+        dict(text=HEAD + EXPERT.replace("place =", 'rename = "experts.{expert.local}.w"\nplace =')),
+        dict(
+            text=HEAD
+            + EXPERT.replace("place =", 'rename = "{head}.experts.{expert.local}.{tail}"\nplace =').replace(
+                "**.experts.<expert>.**", "<head:path>.experts.<expert>.<tail:path>"
+            )
+        ),
+        "error local-name-collision: keys 'm.layers.0.mlp.experts.0.w1.lora_A.weight', "
+        "'m.layers.0.mlp.experts.0.w1.lora_B.weight': 'm.layers.0.mlp.experts.0.w1.lora_A.weight' and "
+        "'m.layers.0.mlp.experts.0.w1.lora_B.weight' both get the local name 'experts.0.w' on rank 0. Fix: make the "
+        "rename keep what tells the keys apart (e.g. {layer})",
+    ),
+    (
+        "lora-rank",
+        dict(
+            text=HEAD + FUSED_A,
+            keys=[("m.layers.0.mlp.experts.lora_A.weight", "F32", [24, 32])],
+            config={"r": 4, "rank_pattern": {"gate_up_proj": 8}},
+            num_experts=2,
+        ),
+        dict(
+            text=HEAD + FUSED_A,
+            keys=[("m.layers.0.mlp.experts.lora_A.weight", "F32", [24, 32])],
+            config={"r": 4, "rank_pattern": {"gate_up_proj": 8}},
+            num_experts=6,
+        ),
+        "error lora-rank: rule 'fused-a': key 'm.layers.0.mlp.experts.lora_A.weight': the layout gives r = 12, but "
+        "the adapter's ranks are [4, 8] (r and rank_pattern). Fix: check the param behind the factor folded with r "
+        "(e.g. num_experts) against the model, or the layout against the tensor",
+    ),
+    (
+        "lora-pair",
+        dict(
+            text=HEAD
+            + EXPERT.replace("**.experts.<expert>.**", "**.experts.<expert>.*.lora_A.weight")
+            + EXPERT.replace('"expert"\nmatch', '"expert-b"\nmatch')
+            .replace("**.experts.<expert>.**", "**.experts.<expert>.*.lora_B.weight")
+            .replace('size = "num_experts"', 'size = "num_experts", strategy = "round_robin"')
+        ),
+        dict(
+            text=HEAD
+            + EXPERT.replace("**.experts.<expert>.**", "**.experts.<expert>.*.lora_A.weight")
+            + EXPERT.replace('"expert"\nmatch', '"expert-b"\nmatch').replace(
+                "**.experts.<expert>.**", "**.experts.<expert>.*.lora_B.weight"
+            )
+        ),
+        "error lora-pair: rule 'expert / expert-b': keys 'm.layers.0.mlp.experts.1.w1.lora_A.weight', "
+        "'m.layers.0.mlp.experts.1.w1.lora_B.weight': lora_A and lora_B are on different ranks (lora_A only on [0], "
+        "lora_B only on [1]). Fix: place lora_A and lora_B of a module with the same strategy and split "
+        "(column: B on out; row: A on in; the r dim alike on both)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("check", "bad", "good", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_check_fires_and_its_fixed_twin_is_quiet(check: str, bad: dict, good: dict, expected: str) -> None:  # type: ignore[type-arg]
+    found = checks(**bad)
+    assert found.get(check) == expected
+    assert check not in checks(**good)
+
+
+def test_every_check_has_a_case() -> None:
+    # Static compiler problems have their own tests in test_rule_errors.py; the rest are here.
+    static = {
+        "pattern-error",
+        "layout-error",
+        "unknown-axis",
+        "unknown-param",
+        "unknown-strategy",
+        "bad-strategy",
+        "missing-size",
+        "placed-not-captured",
+        "placed-text-capture",
+        "axis-placed-twice",
+        "unknown-index",
+        "bad-rename",
+        "bad-pin",
+        "bad-table",
+        "bad-param",
+        "bad-capture",
+        "variant-absent",
+        "byte-balance",
+    }
+    assert set(CHECKS) - static <= {case[0] for case in CASES}
+
+
+def test_variant_absent_and_byte_balance_are_notes(fixtures: Path) -> None:
+    report = lint(
+        "vllm-ep-lora", fixtures / "qwen3_moe/lora_per_expert", mesh="ep=4", params={"num_experts": 6}
+    )
+    assert report.exit_code == 0
+    notes = {f.check: f.text() for f in report.findings}
+    assert notes["variant-absent"] == (
+        "info variant-absent: no key uses layout variant 'fused' (rules fused-expert-lora-a, fused-expert-lora-b); "
+        "this checkpoint uses per-expert"
+    )
+    assert notes["byte-balance"].startswith(
+        "info byte-balance: bytes per rank: max 19136 on rank 0, mean 16448"
+    )
+
+
+CHECKPOINTS = ["lora_per_expert", "lora_per_expert_bin", "lora_fused", "lora_fused_bin", "base", "base_bin"]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_builtin_lints_clean_on_its_fixtures(name: str) -> None:
+    for family in ("qwen3_moe", "mixtral"):
+        path = FIXTURES / family / name
+        if not path.exists():
+            continue
+        for ep in range(1, 9):
+            for strategy in ("linear", "round_robin"):
+                report = lint(
+                    "vllm-ep-lora",
+                    path,
+                    mesh=f"ep={ep}",
+                    params={"num_experts": 6, "expert_strategy": strategy},
+                )
+                assert report.exit_code == 0, (path, ep, to_text(report))
+                assert {f.level for f in report.findings} <= {"info"}, to_text(report)
+
+
+BASE = builtin_path("vllm-ep-lora").read_text()
+PLANTED = {
+    "dead-rule": (
+        BASE.replace(r"experts\.)(?P<expert>", r"expertz\.)(?P<expert>"),
+        "lora_per_expert",
+        "ep=4",
+        {},
+    ),
+    "shadowed-rule": (
+        BASE.replace(
+            '[[rule]]\nid = "fused-expert-lora-a"',
+            '[[rule]]\nid = "all-fused"\nmatch = "**.experts.**"\n\n[[rule]]\nid = "fused-expert-lora-a"',
+        ),
+        "lora_fused",
+        "ep=4",
+        {},
+    ),
+    "unmatched-key": (
+        BASE.replace('default = "replicate"', 'default = "error"'),
+        "lora_per_expert",
+        "ep=4",
+        {},
+    ),
+    "lora-pair": (
+        BASE.split('id = "fused-expert-lora-b"')[0]
+        + 'id = "fused-expert-lora-b"'
+        + BASE.split('id = "fused-expert-lora-b"')[1].replace(
+            'strategy = "expert_strategy"', 'strategy = "round_robin"'
+        ),
+        "lora_fused",
+        "ep=4",
+        {},
+    ),
+    "index-out-of-range": (BASE, "lora_per_expert", "ep=4", {"num_experts": 4}),
+    "shard-does-not-divide": (
+        BASE + '\n[[rule]]\nid = "q-cols"\nmatch = "**.q_proj.lora_B.weight"\nlayout = "out r"\n'
+        'place = { out = { over = "ep", strategy = "shard" } }\n',
+        "lora_per_expert",
+        "ep=3",
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("check", list(PLANTED))
+def test_planted_defects_in_vllm_ep_lora_are_found(
+    tmp_path: Path, check: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, checkpoint, mesh, params = PLANTED[check]
+    assert text != BASE or params, "the defect was not planted"
+    rules = tmp_path / "planted.toml"
+    rules.write_text(text)
+    argv = [
+        "lint",
+        str(rules),
+        str(FIXTURES / "qwen3_moe" / checkpoint),
+        "--mesh",
+        mesh,
+        "--format",
+        "json",
+        "--param",
+        f"num_experts={params.get('num_experts', 6)}",
+    ]
+    assert main(argv) == 1
+    found = {f["check"] for f in json.loads(capsys.readouterr().out)["findings"] if f["level"] == "error"}
+    assert check in found
+
+
+def test_sarif_points_at_the_rule_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rules = tmp_path / "r.toml"
+    rules.write_text(HEAD + EXPERT + '[[rule]]\nid = "router"\nmatch = "**.mlp.gate.lora_A.weight"\n')
+    keys = tmp_path / "keys.txt"
+    keys.write_text("\n".join(KEYS))
+    assert main(["lint", str(rules), "--keys", str(keys), "--mesh", "ep=2", "--format", "sarif"]) == 1
+    sarif = json.loads(capsys.readouterr().out)
+    assert sarif["version"] == "2.1.0"
+    result = next(r for r in sarif["runs"][0]["results"] if r["ruleId"] == "dead-rule")
+    assert result["level"] == "error"
+    location = result["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"] == str(rules)
+    assert location["region"]["startLine"] == 11
+    assert "dead-rule" in {r["id"] for r in sarif["runs"][0]["tool"]["driver"]["rules"]}
+
+
+def test_exit_status_two_on_unusable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lint", "vllm-ep-lora", str(tmp_path / "missing"), "--mesh", "ep=2"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["lint", "vllm-ep-lora", "--mesh", "ep=two"]) == 2
+
+
+def test_static_lint_without_keys_is_clean_for_builtins() -> None:
+    report = lint("vllm-ep-lora", mesh="ep=8", params={"num_experts": 64})
+    assert report.findings == [] and to_json(report)["clean"]
+    assert to_sarif(report)["runs"][0]["results"] == []
