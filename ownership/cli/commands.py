@@ -35,7 +35,7 @@ from ownership.formats.base import Checkpoint
 from ownership.formats.detect import CHECKPOINT_SUFFIXES, open_checkpoint, read_json_object
 from ownership.lint.case_file import case_file_for, load_cases
 from ownership.lint.cases import run_cases
-from ownership.loading.entries import KeyEntry, read_keys_file
+from ownership.loading.entries import KeyEntry, check_shape, read_keys_path
 from ownership.loading.plan import MeshPlan, Plan, plan
 from ownership.placement.mesh import to_mesh
 from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset
@@ -168,9 +168,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(x) for x in text.strip("[]() ").split(",") if x.strip())
+        shape = tuple(int(x) for x in text.strip("[]() ").split(",") if x.strip())
+        check_shape(shape)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shape {text!r} is not a comma-separated list of ints") from None
+        raise argparse.ArgumentTypeError(
+            f"shape {text[:60]!r} is not a comma-separated list of ints"
+        ) from None
+    except OwnershipError as error:
+        raise argparse.ArgumentTypeError(f"shape {text[:60]!r}: {error}") from None
+    return shape
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -246,7 +252,7 @@ def _inputs(args: argparse.Namespace) -> Iterator[_Inputs]:
         source: Checkpoint | list[KeyEntry] | None = None
         name = ""
         if keys is not None:
-            source, name = _read_keys(keys), str(keys)
+            source, name = read_keys_path(keys), str(keys)
         elif args.checkpoint is not None:
             source, name = stack.enter_context(open_checkpoint(args.checkpoint)), args.checkpoint
         if args.ruleset == "auto":
@@ -260,14 +266,6 @@ def _inputs(args: argparse.Namespace) -> Iterator[_Inputs]:
 def _is_checkpoint(text: str) -> bool:
     path = Path(text)
     return path.is_dir() or (path.is_file() and path.suffix in CHECKPOINT_SUFFIXES)
-
-
-def _read_keys(path: Path) -> list[KeyEntry]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise OwnershipError("cannot read the key list", source=str(path), found=error.strerror) from None
-    return read_keys_file(lines, source=str(path))
 
 
 def _plan(args: argparse.Namespace) -> int:

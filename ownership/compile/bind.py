@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from ownership import limits
 from ownership.compile.owners import Owner, key_owners
 from ownership.compile.rank import RankRules
 from ownership.errors import DecisionError, RulesetError, short
@@ -150,6 +151,17 @@ class BoundRule:
         else:
             num_ids = 1 + max((g for ids in table or () for g in ids), default=-1)
             size_text = f"table of {num_ids}"
+        if num_ids > limits.MAX_INDEX_SIZE:
+            # Every rank holds a slot per id: a size from a hostile config must not allocate without bound.
+            raise limits.over_limit(
+                f"the size of index {name!r}",
+                name="MAX_INDEX_SIZE",
+                found=f"{size_text} ids",
+                error=RulesetError,
+                source=self.source,
+                rule=self.id,
+                fix=f"check the param behind the size of {name!r} against the model's config",
+            )
         sizes = self._stage_sizes(placement, num_ids, num_coords) if strategy_name == "layers" else None
         if table is not None:
             for coord, ids in enumerate(table):
@@ -308,6 +320,18 @@ class BoundRule:
         out = []
         for dim in self.dims:
             d, f = layout.where(dim.name)
+            if shape[d] > limits.MAX_CUT_DIM:
+                # A cut dim's owned indices are listed to make its runs.
+                raise limits.over_limit(
+                    f"dim {d} of the tensor, which the rule cuts,",
+                    name="MAX_CUT_DIM",
+                    found=f"size {shape[d]:,}",
+                    error=DecisionError,
+                    source=self.source,
+                    rule=self.id,
+                    key=key,
+                    fix="check the tensor's shape",
+                )
             out.append((d, f, self._dim_strategy(dim, sizes[d][f], key)))
         return tuple(out)
 

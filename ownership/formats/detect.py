@@ -22,13 +22,13 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ownership.errors import CheckpointError
 from ownership.formats.base import TORCH_SUFFIXES, Checkpoint
+from ownership.formats.jsonfile import read_json_object
 from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.sharded import ShardedCheckpoint
 from ownership.formats.torch_file import TorchFile
@@ -135,24 +135,3 @@ def _open_file(path: Path, *, config: dict[str, Any] | None, mmap: bool) -> Chec
 
 def _json(path: Path) -> dict[str, Any] | None:
     return read_json_object(path) if path.is_file() else None
-
-
-def read_json_object(
-    path: Path, *, what: str = "JSON", expected: str | None = None, fix: str = "fix or remove the file"
-) -> dict[str, Any]:
-    """A JSON file that must hold an object (a config.json, say); anything else is a `CheckpointError`."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(
-            f"cannot read {what}", source=str(path), found=str(error), expected=expected, fix=fix
-        ) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"{what} is not an object",
-            source=str(path),
-            found=type(data).__name__,
-            expected=expected,
-            fix=fix,
-        )
-    return data

@@ -18,15 +18,14 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from ownership.errors import CheckpointError
+from ownership.errors import CheckpointError, short
 from ownership.formats.base import Entry
 from ownership.formats.dtypes import DTYPE_ITEMSIZE, torch_dtype, torch_dtypes
 from ownership.formats.single import SingleFile
 from ownership.gcpause import paused_gc
+from ownership.limits import MAX_HEADER_BYTES, MAX_KEY_LENGTH, over_limit, parse_json
 
 __all__ = ["SafetensorsFile"]
-
-_MAX_HEADER = 100 * 2**20
 
 
 def _parse(path: Path, *, display: str) -> tuple[list[tuple[str, Any]], int, int, str]:
@@ -40,7 +39,7 @@ def _parse(path: Path, *, display: str) -> tuple[list[tuple[str, Any]], int, int
             if len(prefix) < 8:
                 raise _corrupt(display, f"{size} bytes", "at least 8 bytes of header length")
             length = int.from_bytes(prefix, "little")
-            if length > min(size - 8, _MAX_HEADER):
+            if length > min(size - 8, MAX_HEADER_BYTES):
                 raise _corrupt(
                     display,
                     f"header length {length} in a file of {size} bytes",
@@ -52,12 +51,20 @@ def _parse(path: Path, *, display: str) -> tuple[list[tuple[str, Any]], int, int
             "cannot read the file", source=display, found=error.strerror, fix="check the path and permissions"
         ) from None
     try:
-        header: dict[str, Any] = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _corrupt(display, f"a header that is not JSON ({error})", "a JSON header") from None
+        header: dict[str, Any] = parse_json(raw, source=display, what="the header")
+    except CheckpointError as error:
+        raise _corrupt(display, f"a header that is not JSON ({error.found})", "a JSON header") from None
     if not isinstance(header, dict):
         raise _corrupt(display, "a header that is not a JSON object", "a JSON object")
     header.pop("__metadata__", None)
+    # JSON keeps the last of a key given twice: the other tensor's bytes would load under its name. Each entry
+    # names its offsets once, so a count that differs from the entries is a duplicate (or that text in a name).
+    if raw.count(b'"data_offsets"') != len(header):
+        duplicate = _duplicate_key(raw)
+        if duplicate is not None:
+            raise _corrupt(
+                display, f"the key {duplicate!r} twice in the header", "each key once", key=duplicate
+            )
     items = list(header.items())
     # Safetensors lists keys in the order of their bytes; other writers may not, and entries follow the bytes.
     try:
@@ -68,6 +75,22 @@ def _parse(path: Path, *, display: str) -> tuple[list[tuple[str, Any]], int, int
     if not ordered:
         items.sort(key=lambda item: _start(item[1]))
     return items, 8 + length, size - 8 - length, path.name
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """The first key that some object of the header gives twice, or None."""
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in items:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found[0] if found else None
 
 
 def _start(info: Any) -> int:
@@ -81,11 +104,17 @@ def _start(info: Any) -> int:
 def _scan(
     items: list[tuple[str, Any]], base: int, data_size: int, name: str, *, display: str
 ) -> Iterator[Entry]:
-    """Each header item as an entry, checked: dtype known, shape of non-negative ints, data offsets inside
-    the file and as long as the shape says."""
+    """Each header item as an entry, checked as strictly as the safetensors library checks it: dtype known,
+    shape of non-negative ints, data offsets as long as the shape says, and tiling the data exactly (each
+    tensor's bytes start where the one before ends, and the last ends at the end of the file)."""
     itemsizes, dtypes, new = DTYPE_ITEMSIZE, torch_dtypes(), tuple.__new__
+    max_key, previous, previous_end = MAX_KEY_LENGTH, "", 0
     # A few operations per entry: headers of MoE adapters hold tens of thousands of entries.
     for key, info in items:
+        if len(key) > max_key:
+            raise over_limit(
+                "a key of the header", name="MAX_KEY_LENGTH", found=f"{len(key):,} characters", source=display
+            )
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
             nbytes = itemsizes[dtype]
@@ -97,7 +126,7 @@ def _scan(
             if isinstance(info, dict) and "dtype" in info and info["dtype"] not in DTYPE_ITEMSIZE:
                 torch_dtype(str(info["dtype"]), key=key, source=display)
             raise _corrupt(
-                display, f"a malformed header entry {info!r}", "dtype, shape and data_offsets", key=key
+                display, f"a malformed header entry {short(info)}", "dtype, shape and data_offsets", key=key
             ) from None
         if not (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size):
             raise _corrupt(
@@ -108,12 +137,31 @@ def _scan(
             )
         if end - begin != nbytes:
             raise _corrupt(
-                display, f"{end - begin} bytes for shape {list(shape)} of {dtype}", f"{nbytes} bytes", key=key
+                display,
+                f"{end - begin} bytes for shape {short(list(shape))} of {dtype}",
+                f"{nbytes} bytes",
+                key=key,
             )
+        if begin != previous_end:
+            where = f"after {previous!r}" if previous else "at the start of the data"
+            found = "overlapping" if begin < previous_end else "leaving a hole"
+            raise _corrupt(
+                display,
+                f"data offsets [{begin}, {end}] {found} {where}, which ends at {previous_end}",
+                "each tensor's bytes right after the one before, as safetensors writes them",
+                key=key,
+            )
+        previous, previous_end = key, end
         if dtype not in dtypes:
             torch_dtype(dtype, key=key, source=display)
         # Entry is a NamedTuple: building it from a tuple skips its argument parsing.
         yield new(Entry, (key, dtype, shape, name, base + begin))
+    if previous_end != data_size:
+        raise _corrupt(
+            display,
+            f"{data_size - previous_end} bytes after the last tensor's",
+            "a file that ends with the last tensor, as safetensors writes it",
+        )
 
 
 def _corrupt(display: str, found: str, expected: str, *, key: str | None = None) -> CheckpointError:

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 import threading
@@ -31,8 +30,10 @@ import torch
 
 from ownership.errors import CheckpointError
 from ownership.formats.base import TORCH_SUFFIXES, ByteRuns, Checkpoint, Entry, PendingRead
+from ownership.formats.jsonfile import read_json_object
 from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.torch_file import TorchFile
+from ownership.limits import MAX_KEY_LENGTH, over_limit
 from ownership.placement.selection import Selection
 
 __all__ = ["ShardedCheckpoint"]
@@ -55,17 +56,10 @@ class ShardedCheckpoint(Checkpoint):
         self._entries: list[Entry] | None = None
 
     def _read_index(self, path: Path) -> dict[str, str]:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(
-                "cannot read the index",
-                source=str(path),
-                found=str(error),
-                expected="a JSON object with a weight_map",
-                fix="re-download the index",
-            ) from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        data = read_json_object(
+            path, what="the index", expected="a JSON object with a weight_map", fix="re-download the index"
+        )
+        weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(
                 "index has no weight_map of key to file name",
@@ -73,6 +67,14 @@ class ShardedCheckpoint(Checkpoint):
                 found=f"{type(weight_map).__name__}",
                 expected='{"weight_map": {"key": "file"}}',
                 fix="re-download the index",
+            )
+        too_long = next((key for key in weight_map if len(key) > MAX_KEY_LENGTH), None)
+        if too_long is not None:
+            raise over_limit(
+                "a key of the index",
+                name="MAX_KEY_LENGTH",
+                found=f"{len(too_long):,} characters",
+                source=str(path),
             )
         # Each shard name checked once: an index names a few hundred shards for up to hundreds of thousands of keys.
         first_key: dict[str, str] = {}

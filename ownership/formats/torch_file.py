@@ -35,6 +35,7 @@ from ownership.formats.single import SingleFile
 from ownership.formats.spans import selection_read_count
 from ownership.formats.take import take
 from ownership.formats.torch_pickle import PickledState, data_offset_from, read_pickle
+from ownership.limits import MAX_KEY_LENGTH, over_limit
 from ownership.placement.selection import Selection
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
@@ -69,6 +70,13 @@ class TorchFile(SingleFile):
     def _entries_of(self, pickled: PickledState, *, name: str) -> Iterator[Entry]:
         # `offset` stays None: a record's data offset needs its local header, read when the tensor is.
         for key in pickled.tensors:
+            if len(key) > MAX_KEY_LENGTH:
+                raise over_limit(
+                    "a key of the state dict",
+                    name="MAX_KEY_LENGTH",
+                    found=f"{len(key):,} characters",
+                    source=self.display,
+                )
             try:
                 dtype, shape = pickled.dtype_shape(key)
             except ValueError as error:

@@ -93,6 +93,9 @@ def _rebuild_tensor_v2(*args: Any) -> _Tensor | _Malformed:
         return _Malformed("a tensor without a storage record")
     if type(shape) is not tuple or type(stride) is not tuple:
         return _Malformed("a tensor size or stride that is not a tuple")
+    if storage_offset < 0 or pid[4] < 0:
+        # A negative offset would read the bytes before the storage's record: zip headers and padding.
+        return _Malformed(f"storage offset {storage_offset} of a storage of {pid[4]} elements")
     for size in shape:
         if type(size) is not int or size < 0:
             return _Malformed(f"shape {shape!r}")
@@ -119,6 +122,16 @@ class _LayoutUnpickler(pickle.Unpickler):
     persistent_load = staticmethod(tuple)
 
 
+def _extent(shape: tuple[int, ...], stride: tuple[Any, ...]) -> int | None:
+    """Storage elements a tensor of `shape` and `stride` spans from its first (0 when it is empty); None for a
+    stride that is not a tuple of non-negative ints of the shape's length."""
+    if len(shape) != len(stride) or any(type(step) is not int or step < 0 for step in stride):
+        return None
+    if any(size == 0 for size in shape):
+        return 0
+    return 1 + int(sum((size - 1) * step for size, step in zip(shape, stride, strict=True)))
+
+
 def _row_major_numel(shape: tuple[int, ...], stride: tuple[Any, ...]) -> int | None:
     """The element count of a row-major contiguous tensor of `shape` and `stride`; None for any other."""
     if len(shape) != len(stride):
@@ -131,17 +144,17 @@ def _row_major_numel(shape: tuple[int, ...], stride: tuple[Any, ...]) -> int | N
     return numel
 
 
-# A central directory entry's fixed 46 bytes: signature, flags, compression method, name/extra/comment lengths
-# and the local header's offset (the fields between are skipped).
-_DIRECTORY_ENTRY = struct.Struct("<4s4xHH16xHHH8xI")
+# A central directory entry's fixed 46 bytes: signature, flags, compression method, compressed and uncompressed
+# sizes, name/extra/comment lengths and the local header's offset (the fields between are skipped).
+_DIRECTORY_ENTRY = struct.Struct("<4s4xHH8xIIHHH8xI")
 # Flag bit 3: a data descriptor (signature, CRC, sizes) follows the member's data.
 _HAS_DESCRIPTOR = 0x08
 _DESCRIPTOR_BYTES = 16
 
 
-def _central_directory(handle: BinaryIO, size: int) -> dict[bytes, tuple[int, int, int]]:
-    """Member name (as stored, UTF-8) -> (local header offset, compression method, flags), read straight from
-    the zip's central directory.
+def _central_directory(handle: BinaryIO, size: int) -> dict[bytes, tuple[int, int, int, int]]:
+    """Member name (as stored, UTF-8) -> (local header offset, compression method, flags, uncompressed size),
+    read straight from the zip's central directory.
 
     `zipfile` builds a ZipInfo object per member; for tens of thousands of tensors that alone costs more than
     reading one rank's share, so the fixed-size records are unpacked here. Zip64 (files over 4 GiB) is handled.
@@ -163,37 +176,51 @@ def _central_directory(handle: BinaryIO, size: int) -> dict[bytes, tuple[int, in
         num_entries, cd_size, cd_offset = struct.unpack_from("<QQQ", record, 32)
     handle.seek(cd_offset)
     directory = handle.read(cd_size)
-    members: dict[bytes, tuple[int, int, int]] = {}
+    members: dict[bytes, tuple[int, int, int, int]] = {}
     position = 0
     unpack = _DIRECTORY_ENTRY.unpack_from
     for _ in range(num_entries):
-        signature, flags, method, name_length, extra_length, comment_length, offset = unpack(
-            directory, position
-        )
+        (
+            signature,
+            flags,
+            method,
+            compressed,
+            uncompressed,
+            name_length,
+            extra_length,
+            comment_length,
+            offset,
+        ) = unpack(directory, position)
         if signature != b"PK\x01\x02":
             raise zipfile.BadZipFile("bad central directory entry")
         name = directory[position + 46 : position + 46 + name_length]
-        if offset == 0xFFFFFFFF:
-            offset = _zip64_offset(
-                directory, position + 46 + name_length, extra_length, directory_entry=position
+        if 0xFFFFFFFF in (offset, compressed, uncompressed):
+            uncompressed, compressed, offset = _zip64_fields(
+                directory, position + 46 + name_length, extra_length, sizes=(uncompressed, compressed, offset)
             )
-        members[name] = (offset, method, flags)
+        members[name] = (offset, method, flags, uncompressed)
         position += 46 + name_length + extra_length + comment_length
     return members
 
 
-def _zip64_offset(directory: bytes, start: int, length: int, *, directory_entry: int) -> int:
-    """The local header offset from a zip64 extra field (after the sizes that overflowed too)."""
-    uncompressed, compressed = struct.unpack_from("<II", directory, directory_entry + 20)[::-1]
+def _zip64_fields(
+    directory: bytes, start: int, length: int, *, sizes: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    """(uncompressed size, compressed size, local header offset) with those that overflowed 32 bits read from
+    the zip64 extra field, where they stand in that order."""
     position = start
     while position + 4 <= start + length:
         header, field_length = struct.unpack_from("<HH", directory, position)
         if header == 1:
-            skip = 8 * ((uncompressed == 0xFFFFFFFF) + (compressed == 0xFFFFFFFF))
-            (offset,) = struct.unpack_from("<Q", directory, position + 4 + skip)
-            return int(offset)
+            values, at = [], position + 4
+            for value in sizes:
+                if value == 0xFFFFFFFF:
+                    (value,) = struct.unpack_from("<Q", directory, at)
+                    at += 8
+                values.append(int(value))
+            return values[0], values[1], values[2]
         position += 4 + field_length
-    raise zipfile.BadZipFile("zip64 offset missing")
+    raise zipfile.BadZipFile("zip64 fields missing")
 
 
 def data_offset(handle: BinaryIO, local_header: int) -> int:
@@ -215,8 +242,8 @@ class PickledState:
     """A flat state dict as its pickle describes it: per key a tensor record, and the zip's records."""
 
     tensors: dict[str, _Tensor | _Malformed]
-    records: dict[bytes, tuple[int, int, int]]
-    """Member name -> (local header offset, compression method, flags) of every record of the zip."""
+    records: dict[bytes, tuple[int, int, int, int]]
+    """Member name -> (local header offset, compression method, flags, uncompressed size) of every record."""
     prefix: str = ""
     """The archive's folder of records (`<name>/data/`)."""
     descriptor: int = 0
@@ -225,10 +252,27 @@ class PickledState:
     call."""
 
     def dtype_shape(self, key: str) -> tuple[str, tuple[int, ...]]:
-        """The tensor's dtype name and shape; a malformed record is a ValueError."""
+        """The tensor's dtype name and shape; a malformed record is a ValueError saying how.
+
+        Checked as strictly as torch.save writes them: the storage's zip record holds exactly its elements, and
+        the tensor lies inside its storage (a tensor past its storage would read the next record's bytes).
+        """
         tensor = self.tensors[key]
         if isinstance(tensor, _Malformed):
             raise ValueError(tensor.reason)
+        record = self.records.get((self.prefix + tensor.storage).encode())
+        if record is None:
+            raise ValueError(f"no record {self.prefix + tensor.storage!r} for its storage")
+        if record[3] != tensor.numel * tensor.itemsize:
+            raise ValueError(
+                f"a storage of {tensor.numel} elements of {tensor.itemsize} bytes in a record of {record[3]} bytes"
+            )
+        extent = _extent(tensor.shape, tensor.stride)
+        if extent is None or tensor.storage_offset + extent > tensor.numel:
+            raise ValueError(
+                f"shape {list(tensor.shape)} and stride {list(tensor.stride)} from offset {tensor.storage_offset} "
+                f"past the end of its storage of {tensor.numel} elements"
+            )
         return tensor.dtype, tensor.shape
 
     def location(self, key: str) -> TensorLayout | None:

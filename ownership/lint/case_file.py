@@ -36,12 +36,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, model_validator
 
-from ownership.errors import MeshError, RulesetError
+from ownership.errors import MeshError
 from ownership.placement.mesh import Mesh
 from ownership.placement.selection import parse_selection
 from ownership.ruleset import Ruleset
 from ownership.spec.builtin import RuleSource, rule_source
-from ownership.spec.schema import Located, StrictModel, explain_validation, load_toml
+from ownership.spec.schema import Located, StrictModel, explain_validation, load_toml, read_rule_text
 
 __all__ = [
     "Case",
@@ -204,6 +204,7 @@ _FIELDS: dict[str, type[BaseModel]] = {
 def parse_cases(text: str, *, source: str = "<cases>") -> CaseFile:
     """Parse case-file TOML; every problem is a `RulesetError` naming `source`, the case and the field.
 
+    >>> from ownership.errors import RulesetError
     >>> try:
     ...     parse_cases('[[case]]\\nname = "x"\\nmesh = "ep=2"\\nowners = [0]\\n', source="c.toml")
     ... except RulesetError as error:
@@ -222,16 +223,13 @@ def parse_cases(text: str, *, source: str = "<cases>") -> CaseFile:
 
 def load_cases(path: str | os.PathLike[str]) -> CaseFile:
     """Read and parse a case file; messages name it by `path`."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise RulesetError(
-            "cannot read case file",
-            source=str(path),
-            found=error.strerror,
-            fix="check the path, or write one (docs/cases.md)",
-            code="no-case-file",
-        ) from None
+    text = read_rule_text(
+        Path(path),
+        source=str(path),
+        what="case file",
+        fix="check the path, or write one (docs/cases.md)",
+        code="no-case-file",
+    )
     return parse_cases(text, source=str(path))
 
 

@@ -37,6 +37,7 @@ from ownership.lint.lora import LoraPairs, LoraRanks
 from ownership.loading.entries import EntryLike, entry_nbytes, selected_nbytes
 from ownership.placement.decision import DEFAULT_RULE
 from ownership.placement.selection import Selection
+from ownership.placement.strategy import Shard
 from ownership.spec.program import Match, compile_fullmatch
 
 __all__ = ["check_keys"]
@@ -176,15 +177,16 @@ def _dim_coverage(state: _Pass, rule: BoundRule, shape: tuple[int, ...], key: st
     if verdicts is None:
         verdicts = []
         for dim, (_, _, strategy) in zip(rule.dims, rule.dim_strategies(shape, key), strict=True):
+            if strategy.exact or isinstance(strategy, Shard):
+                # Each id once by construction, or replicated heads as declared: nothing to count.
+                continue
             counts = [0] * strategy.num_ids
             for coord in range(strategy.num_coords):
                 for g in strategy.owned(coord):
                     counts[g] += 1
             lost = [g for g, n in enumerate(counts) if n == 0]
-            declared = strategy.name == "table" or any(
-                p.heads is not None and p.heads < strategy.num_coords for p in getattr(strategy, "parts", ())
-            )
-            doubled = [] if declared else [g for g, n in enumerate(counts) if n > 1]
+            # A table may list an id on several coordinates: replicas, as declared.
+            doubled = [] if strategy.name == "table" else [g for g, n in enumerate(counts) if n > 1]
             if lost:
                 verdicts.append(("lost", dim.name, lost))
             if doubled:

@@ -1,8 +1,8 @@
 """Static checks: what can be said of a ruleset with no checkpoint.
 
-The rule compiler's own problems (schema, patterns, axes, params...) are reported under their codes; this module
-adds the checks that need the whole ruleset: captures never used, patterns whose example keys earlier rules take,
-and raw regexes with catastrophic backtracking.
+The rule compiler's own problems (schema, patterns, axes, params, raw regexes that could backtrack...) are
+reported under their codes; this module adds the checks that need the whole ruleset: captures never used, and
+patterns whose example keys earlier rules take.
 
 Example:
     >>> from ownership.spec.program import check
@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import itertools
-import re
 
 from ownership.errors import RulesetError
 from ownership.lint.finding import Finding
@@ -23,18 +22,13 @@ from ownership.spec.program import AnalyzedRule, Program
 
 __all__ = ["example_keys", "finding_of", "static_findings"]
 
-# A repeated group (not atomic, not possessive): (body)+, (body)*, (body){n,}.
-_REPEATED_GROUP = re.compile(r"\((?!\?>)((?:[^()\\]|\\.)*)\)(?:[+*]|\{\d*,\d*\})(?![+])")
-# A quantifier inside a body that can give characters back (not possessive).
-_INNER_QUANTIFIER = re.compile(r"(?<!\\)(?:[+*]|\{\d*,\d*\})(?![+])")
-
 
 def static_findings(program: Program | None, problems: list[RulesetError]) -> list[Finding]:
     """Every static finding of one analysis (`ownership.spec.program.check`): the compiler's problems, or, when
     there are none, the ruleset-wide checks."""
     if program is None:
         return [finding_of(error) for error in problems]
-    return [*_unused_captures(program), *_never_matches(program), *_backtracking(program)]
+    return [*_unused_captures(program), *_never_matches(program)]
 
 
 def finding_of(error: RulesetError) -> Finding:
@@ -125,36 +119,3 @@ def _never_matches(program: Program) -> list[Finding]:
 
 def _compatible(a: AnalyzedRule, b: AnalyzedRule) -> bool:
     return all(b.spec.when.get(name, value) == value for name, value in a.spec.when.items())
-
-
-def _backtracking(program: Program) -> list[Finding]:
-    out = []
-    for rule in program.rules:
-        if rule.spec.regex is None:
-            continue
-        nested = _nested_quantifier(rule.spec.regex)
-        if nested is not None:
-            out.append(
-                Finding(
-                    "backtracking-risk",
-                    "error",
-                    f"raw regex can backtrack exponentially: nested quantifier {nested!r}",
-                    rule=rule.id,
-                    fix="make the inner quantifier possessive (x++) or the group atomic ((?>...)), or use a template",
-                )
-            )
-    return out
-
-
-def _nested_quantifier(pattern: str) -> str | None:
-    """The first repeated group whose body repeats too, unless a dot that its atoms cannot match delimits each
-    repetition (`(?:[^.]+\\.)*` is linear: every pass must end at the next dot)."""
-    for group in _REPEATED_GROUP.finditer(pattern):
-        body = group.group(1)
-        if not _INNER_QUANTIFIER.search(body.replace("++", "").replace("*+", "").replace("?+", "")):
-            continue
-        atoms = re.sub(r"\[\^\.\][+*]+\??", "", body)
-        if "\\." in body and not _INNER_QUANTIFIER.search(atoms.replace("\\.", "")):
-            continue
-        return group.group(0)
-    return None

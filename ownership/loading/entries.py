@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeAlias, cast
 
-from ownership.errors import DecisionError
+from ownership import limits
+from ownership.errors import CheckpointError, DecisionError, short
 from ownership.formats.base import Checkpoint
 from ownership.formats.detect import open_checkpoint
 from ownership.formats.dtypes import dtype_itemsize
@@ -28,9 +30,11 @@ __all__ = [
     "EntryLike",
     "KeyEntry",
     "Source",
+    "check_shape",
     "entries_from",
     "entry_nbytes",
     "read_keys_file",
+    "read_keys_path",
     "selected_nbytes",
 ]
 
@@ -101,6 +105,23 @@ def entries_from(source: Source) -> tuple[list[EntryLike], Mapping[str, Any] | N
     return out, None
 
 
+def read_keys_path(path: Path) -> list[KeyEntry]:
+    """Read a `--keys` file (`read_keys_file`); a file that cannot be read or is not UTF-8 is a `CheckpointError`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise CheckpointError("cannot read the key list", source=str(path), found=error.strerror) from None
+    except UnicodeDecodeError as error:
+        raise CheckpointError(
+            "cannot read the key list",
+            source=str(path),
+            found=f"bytes that are not UTF-8 ({error.reason} at byte {error.start})",
+            expected="a UTF-8 text file, one key a line",
+            fix="save the key list as UTF-8",
+        ) from None
+    return read_keys_file(text.splitlines(), source=str(path))
+
+
 def read_keys_file(lines: Iterable[str], *, source: str) -> list[KeyEntry]:
     """Parse a `--keys` file: one key a line, optionally `key<TAB>dtype<TAB>[d0,d1,...]`; '#' starts a comment."""
     out = []
@@ -110,6 +131,13 @@ def read_keys_file(lines: Iterable[str], *, source: str) -> list[KeyEntry]:
             continue
         fields = line.split("\t")
         key = fields[0].strip()
+        if len(key) > limits.MAX_KEY_LENGTH:
+            raise limits.over_limit(
+                f"the key on line {number}",
+                name="MAX_KEY_LENGTH",
+                found=f"{len(key):,} characters",
+                source=source,
+            )
         if len(fields) > 3:
             raise DecisionError(
                 f"too many fields on line {number}",
@@ -131,10 +159,38 @@ def read_keys_file(lines: Iterable[str], *, source: str) -> list[KeyEntry]:
                     f"cannot read the shape on line {number}",
                     source=source,
                     key=key,
-                    found=repr(fields[2]),
+                    found=short(fields[2]),
                     expected="[d0,d1,...]",
                     fix="write the shape as a bracketed, comma-separated list of ints",
                     code="bad-keys-file",
                 ) from None
+            check_shape(shape, key=key, source=f"{source}, line {number}")
         out.append(KeyEntry(key, dtype, shape))
     return out
+
+
+def check_shape(shape: Sequence[int], *, key: str | None = None, source: str | None = None) -> None:
+    """A `DecisionError` for a shape with a negative dim, or with more elements than `MAX_TENSOR_ELEMENTS`."""
+    if any(size < 0 for size in shape):
+        raise DecisionError(
+            "a shape with a negative dim",
+            source=source,
+            key=key,
+            found=short(list(shape)),
+            expected="dims >= 0",
+            fix="write the tensor's shape as its header gives it",
+            code="bad-shape",
+        )
+    elements = 1
+    for size in shape:
+        elements *= size
+        if elements > limits.MAX_TENSOR_ELEMENTS:
+            raise limits.over_limit(
+                "the tensor's element count",
+                name="MAX_TENSOR_ELEMENTS",
+                found=f"shape {short(list(shape))}",
+                error=DecisionError,
+                source=source,
+                key=key,
+                fix="write the tensor's shape as its header gives it",
+            )

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from ownership import limits
 from ownership.errors import MeshError
 
 __all__ = ["Mesh", "MeshLike", "to_mesh"]
@@ -45,6 +46,14 @@ class Mesh:
                 )
         if len(set(names)) != len(names):
             raise MeshError(f"axis declared twice in {self}", fix="declare each axis once")
+        if self.num_ranks > limits.MAX_RANKS:
+            raise limits.over_limit(
+                f"the mesh {self}",
+                name="MAX_RANKS",
+                found=f"{self.num_ranks:,} ranks",
+                error=MeshError,
+                fix="check the axis sizes",
+            )
 
     @classmethod
     def of(cls, axes: Mapping[str, int] | None = None, /, **sizes: int) -> Mesh:
@@ -61,6 +70,15 @@ class Mesh:
             if not item:
                 continue
             name, sep, value = item.partition("=")
+            if sep and value.strip().isdigit() and len(value.strip()) > 18:
+                # Past every limit, and int() refuses more than 4,300 digits.
+                raise limits.over_limit(
+                    f"axis {name.strip()!r} of the mesh",
+                    name="MAX_RANKS",
+                    found=f"a size of {len(value.strip()):,} digits",
+                    error=MeshError,
+                    fix="check the axis sizes",
+                )
             if not sep or not value.strip().isdigit():
                 raise MeshError(
                     f"cannot read mesh axis {item!r} in {text!r}",

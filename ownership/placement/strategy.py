@@ -65,6 +65,12 @@ class Strategy(ABC):
     num_ids: int
     num_coords: int
 
+    @property
+    def exact(self) -> bool:
+        """Whether every id is owned by exactly one coordinate by construction (else `owned` must be counted to
+        know; `table` and `vllm_contiguous` may lose or double ids)."""
+        return False
+
     @abstractmethod
     def owned(self, coord: int) -> Sequence[int]:
         """Ids held by `coord`, in local slot order (slot j holds `owned(coord)[j]`)."""
@@ -98,6 +104,10 @@ class Strategy(ABC):
 class Linear(Strategy):
     name: str = field(init=False, default="linear")
 
+    @property
+    def exact(self) -> bool:
+        return True
+
     def owned(self, coord: int) -> range:
         start = linear_start(self.num_ids, self.num_coords, coord)
         return range(start, start + linear_count(self.num_ids, self.num_coords, coord))
@@ -116,6 +126,10 @@ class Linear(Strategy):
 @dataclass(frozen=True)
 class RoundRobin(Strategy):
     name: str = field(init=False, default="round_robin")
+
+    @property
+    def exact(self) -> bool:
+        return True
 
     def owned(self, coord: int) -> range:
         return range(coord, self.num_ids, self.num_coords)
@@ -147,6 +161,11 @@ class Layers(Strategy):
     name: str = field(init=False, default="layers")
     sizes: tuple[int, ...] | None = None
 
+    @property
+    def exact(self) -> bool:
+        # Explicit stage sizes are checked to add up to the ids.
+        return True
+
     def stage_sizes(self) -> tuple[int, ...]:
         if self.sizes is not None:
             return self.sizes
@@ -177,6 +196,11 @@ class Shard(Strategy):
     name: str = field(init=False, default="shard")
     parts: tuple[Part, ...] = ()
     uneven: bool = False
+
+    @property
+    def exact(self) -> bool:
+        # Replicated kv heads (fewer heads than coordinates) are owned several times, as declared.
+        return not any(part.heads is not None and part.heads < self.num_coords for part in self._parts())
 
     def _parts(self) -> tuple[Part, ...]:
         return self.parts or (Part(self.num_ids),)

@@ -39,11 +39,20 @@ __all__ = [
 
 
 def coerce_param(text: str) -> Any:
-    """Read a command-line param value: JSON (numbers, lists) where it parses, else the text itself."""
+    """Read a command-line param value: JSON (numbers, lists) where it parses, else the text itself; a number
+    too long to read is a `RulesetError`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+    except (ValueError, RecursionError):
+        raise RulesetError(
+            "cannot read a param value",
+            found=f"{text[:40]}... ({len(text):,} characters)" if len(text) > 40 else repr(text),
+            expected="a number of up to 4,300 digits, a JSON list, or text",
+            fix="check the value",
+            code="bad-param",
+        ) from None
 
 
 def config_lookup(config: Mapping[str, Any], dotted: str) -> Any:

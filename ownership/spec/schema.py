@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ownership.errors import RulesetError, short
+from ownership.limits import MAX_RULE_FILE_BYTES, over_limit
 
 __all__ = [
     "PARTITION_STRATEGIES",
@@ -45,6 +46,7 @@ __all__ = [
     "load_ruleset_spec",
     "load_toml",
     "parse_ruleset",
+    "read_rule_text",
     "ruleset_from_data",
     "ruleset_json_schema",
 ]
@@ -177,15 +179,56 @@ class RulesetSpec(StrictModel):
 
 
 def load_toml(text: str, *, source: str, what: str = "") -> dict[str, Any]:
-    """Parse TOML; a syntax error is a `RulesetError` naming `source` (`what` names the kind of file)."""
+    """Parse TOML; a syntax error is a `RulesetError` naming `source` (`what` names the kind of file), and so are
+    nesting past the recursion limit and numbers past Python's digit limit."""
+    if len(text) > MAX_RULE_FILE_BYTES:
+        raise over_limit(
+            what or "the rule file",
+            name="MAX_RULE_FILE_BYTES",
+            found=f"{len(text):,} characters",
+            error=RulesetError,
+            source=source,
+        )
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
+        found = str(error)
+    except RecursionError:
+        found = "nesting deeper than the interpreter's recursion limit"
+    except ValueError as error:
+        found = f"a number too long to read ({str(error).split(';')[0]})"
+    raise RulesetError(
+        f"{what} is not valid TOML" if what else "not valid TOML",
+        source=source,
+        found=found,
+        fix="fix the TOML syntax at that line",
+        code="schema",
+    )
+
+
+def read_rule_text(
+    path: Path, *, source: str, what: str, fix: str | None = None, code: str = "ruleset"
+) -> str:
+    """The text of a rule or case file; a file that cannot be read, is not UTF-8 or is too large is a
+    `RulesetError` naming it (`what` says which kind of file; `fix` and `code` are those of a missing file)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RULE_FILE_BYTES:
+            raise over_limit(
+                what, name="MAX_RULE_FILE_BYTES", found=f"{size:,} bytes", error=RulesetError, source=source
+            )
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
         raise RulesetError(
-            f"{what} is not valid TOML" if what else "not valid TOML",
+            f"cannot read {what}", source=source, found=error.strerror, fix=fix, code=code
+        ) from None
+    except UnicodeDecodeError as error:
+        raise RulesetError(
+            f"cannot read {what}",
             source=source,
-            found=str(error),
-            fix="fix the TOML syntax at that line",
+            found=f"bytes that are not UTF-8 ({error.reason} at byte {error.start})",
+            expected="a UTF-8 text file",
+            fix="save the file as UTF-8",
             code="schema",
         ) from None
 
@@ -199,11 +242,7 @@ def load_ruleset_spec(path: str | os.PathLike[str], *, source: str | None = None
     """Parse a ruleset file (TOML); `source` is how messages name it (default: the path)."""
     path = Path(path)
     source = source or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise RulesetError("cannot read rule file", source=source, found=error.strerror) from None
-    return parse_ruleset(text, source=source)
+    return parse_ruleset(read_rule_text(path, source=source, what="rule file"), source=source)
 
 
 def ruleset_from_data(data: dict[str, Any], *, source: str) -> RulesetSpec:

@@ -26,14 +26,18 @@ Example:
 from __future__ import annotations
 
 import re
+import re._constants as _sre  # type: ignore[import-not-found]
+import re._parser as _sre_parser  # type: ignore[import-not-found]
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import regex as _regex
 
+from ownership import limits
 from ownership.errors import RulesetError
 
-__all__ = ["CaptureKind", "CompiledPattern", "compile_raw_regex", "compile_template"]
+__all__ = ["CaptureKind", "CompiledPattern", "backtracking_risk", "compile_raw_regex", "compile_template"]
 
 CaptureKind = Literal["int", "seg", "path"]
 
@@ -66,7 +70,17 @@ def _error(
 
 
 def compile_template(template: str, *, rule: str | None = None, source: str | None = None) -> CompiledPattern:
-    """Translate a key template into a full-match regex; errors point at the offending column."""
+    """Translate a key template into a full-match regex that matches in time linear in the key's length; errors
+    point at the offending column.
+
+    A backtracking engine spends more than linear time only where it can retry: at a `**` or `<name:path>` (a
+    gap) whose placement a later part of the pattern rejects. So each gap that another gap follows is compiled
+    atomically together with the fixed run of segments after it (`(?>gap block)`): the leftmost placement of a
+    fixed block is the one the lazy gap would keep, and when any placement lets the rest of the key match, the
+    leftmost does too (the next gap takes up the difference). Only the last gap is left to retry, against a block
+    anchored at the key's end. A gap followed by a block of varying length (`{a.b,}`) and then another gap has no
+    such leftmost placement: such templates are refused, as is more than one `*` inside one segment.
+    """
     if not template:
         raise _error(
             "empty pattern",
@@ -76,9 +90,62 @@ def compile_template(template: str, *, rule: str | None = None, source: str | No
             source=source,
             fix="give a key template such as '**.weight'",
         )
+    if len(template) > limits.MAX_TEMPLATE_LENGTH:
+        raise limits.over_limit(
+            "the template",
+            name="MAX_TEMPLATE_LENGTH",
+            found=f"{len(template):,} characters",
+            error=RulesetError,
+            source=source,
+            rule=rule,
+            fix="shorten the template or split the rule",
+        )
     captures: dict[str, CaptureKind] = {}
-    out = _translate(template, 0, len(template), captures, rule=rule, source=source, top=True)
-    return CompiledPattern(source=template, regex=out, captures=captures)
+    pieces: list[_Piece] = []
+    _translate(template, 0, len(template), captures, rule=rule, source=source, top=True, pieces=pieces)
+    return CompiledPattern(
+        source=template, regex=_assemble(pieces, template, rule=rule, source=source), captures=captures
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """A run of a top-level template as regex: a gap, the final `.**`, or text matching `dots` dots (None: it
+    varies)."""
+
+    regex: str
+    kind: Literal["gap", "final", "text"]
+    dots: int | None = 0
+    at: int = 0
+
+
+def _assemble(pieces: list[_Piece], template: str, *, rule: str | None, source: str | None) -> str:
+    """The pattern of a template's pieces, each gap that another gap follows made atomic with its block."""
+    gaps = [i for i, piece in enumerate(pieces) if piece.kind == "gap"]
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        piece = pieces[i]
+        later = [g for g in gaps if g > i]
+        if piece.kind != "gap" or not later:
+            out.append(piece.regex)
+            i += 1
+            continue
+        block = pieces[i + 1 : later[0]]
+        if any(part.dots is None for part in block):
+            variable = next(part for part in block if part.dots is None)
+            raise _error(
+                "a block of varying length between two gaps ('**' or <name:path>) can match a key in too many "
+                "ways",
+                template,
+                variable.at,
+                rule=rule,
+                source=source,
+                fix="give the alternatives the same number of dots, or split the rule in two",
+            )
+        out.append("(?>" + piece.regex + "".join(part.regex for part in block) + ")")
+        i = later[0]
+    return "".join(out)
 
 
 def _translate(
@@ -90,26 +157,79 @@ def _translate(
     rule: str | None,
     source: str | None,
     top: bool,
+    pieces: list[_Piece] | None = None,
 ) -> str:
     out: list[str] = []
+    dots: int | None = 0
+    stars = 0  # partial-segment `*` in the current segment
+
+    def flush() -> None:
+        nonlocal dots
+        if pieces is not None and out:
+            pieces.append(_Piece("".join(out), "text", dots, at))
+        out.clear()
+        dots = 0
+
+    def emit(regex: str, kind: Literal["gap", "final"]) -> None:
+        flush()
+        if pieces is not None:
+            pieces.append(_Piece(regex, kind, at=i))
+        else:
+            out.append(regex)
+
     i = start
+    at = start
     while i < stop:
         ch = template[i]
+        if not out:
+            at = i
         if template.startswith("**", i):
-            out.append(_globstar(template, i, start, stop, rule=rule, source=source))
+            if not top:
+                raise _error(
+                    "'**' is not allowed inside {…}",
+                    template,
+                    i,
+                    rule=rule,
+                    source=source,
+                    fix="write the alternatives as rules of their own, or move '**' out of the braces",
+                )
+            globstar = _globstar(template, i, start, stop, rule=rule, source=source)
+            emit(globstar, "final" if globstar == ".*" else "gap")
             i = min(i + 3, stop)  # a leading `**.` or a whole-template `**`
+            stars = 0
             continue
         if template.startswith(".**", i) and i + 3 <= stop and (i + 3 == stop or template[i + 3] == "."):
+            if not top:
+                raise _error(
+                    "'**' is not allowed inside {…}",
+                    template,
+                    i + 1,
+                    rule=rule,
+                    source=source,
+                    fix="write the alternatives as rules of their own, or move '**' out of the braces",
+                )
             if i + 3 == stop:
-                # Possessive only at the very end of the template: inside {…} text may still follow.
-                out.append("(?:\\.[^.]++)*+" if top and stop == len(template) else "(?:\\.[^.]++)*?")
+                # Possessive at the very end of the template: it always matches what is left, whole segments.
+                emit("(?:\\.[^.]++)*+", "final")
                 i = stop
             else:
-                out.append("\\.(?:[^.]++\\.)*?")
+                emit("\\.(?:[^.]++\\.)*?", "gap")
                 i += 4
+            stars = 0
             continue
         if ch == "*":
             whole = (i == start or template[i - 1] == ".") and (i + 1 == stop or template[i + 1] == ".")
+            if not whole:
+                stars += 1
+                if stars > 1:
+                    raise _error(
+                        "a second '*' inside one segment",
+                        template,
+                        i,
+                        rule=rule,
+                        source=source,
+                        fix="keep one '*' per segment (each can match so many ways that a long key stalls)",
+                    )
             out.append("[^.]++" if whole else "[^.]*")
             i += 1
         elif ch == "<":
@@ -157,7 +277,11 @@ def _translate(
                     fix="give each capture its own name",
                 )
             captures[name] = kind  # type: ignore[assignment]
-            out.append(f"(?P<{name}>{_CAPTURE_REGEX[kind]})")
+            regex = f"(?P<{name}>{_CAPTURE_REGEX[kind]})"
+            if kind == "path":
+                emit(regex, "gap")
+            else:
+                out.append(regex)
             i = end + 1
         elif ch == "{":
             end = template.find("}", i)
@@ -175,11 +299,15 @@ def _translate(
                     fix="flatten the alternation",
                 )
             options, pos = [], i + 1
-            for piece in template[i + 1 : end].split(","):
+            pieces_text = template[i + 1 : end].split(",")
+            for piece in pieces_text:
                 options.append(
                     _translate(template, pos, pos + len(piece), captures, rule=rule, source=source, top=False)
                 )
                 pos += len(piece) + 1
+            counts = {piece.count(".") for piece in pieces_text}
+            if dots is not None:
+                dots = dots + counts.pop() if len(counts) == 1 else None
             out.append("(?:" + "|".join(options) + ")")
             i = end + 1
         elif ch in ">}":
@@ -187,9 +315,16 @@ def _translate(
                 f"unmatched {ch!r}", template, i, rule=rule, source=source, fix="remove it or open it first"
             )
         else:
+            if ch == ".":
+                stars = 0
+                if dots is not None:
+                    dots += 1
             out.append(re.escape(ch))
             i += 1
-    return "".join(out)
+    if pieces is None:
+        return "".join(out)
+    flush()
+    return ""
 
 
 def _globstar(template: str, i: int, start: int, stop: int, *, rule: str | None, source: str | None) -> str:
@@ -208,7 +343,20 @@ def _globstar(template: str, i: int, start: int, stop: int, *, rule: str | None,
 
 
 def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | None = None) -> CompiledPattern:
-    """Check a raw full-match regex and list its named groups as text captures (digit-only groups as ints)."""
+    """Check a raw full-match regex and list its named groups as text captures (digit-only groups as ints).
+
+    A regex that could take more than linear time on a hostile key (`backtracking_risk`) is refused.
+    """
+    if len(pattern) > limits.MAX_TEMPLATE_LENGTH:
+        raise limits.over_limit(
+            "the regex",
+            name="MAX_TEMPLATE_LENGTH",
+            found=f"{len(pattern):,} characters",
+            error=RulesetError,
+            source=source,
+            rule=rule,
+            fix="shorten the regex or split the rule",
+        )
     try:
         compiled = _regex.compile(pattern)
     except _regex.error as error:
@@ -230,6 +378,15 @@ def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | No
             source=source,
             fix="use a named group and (?P=name)",
         )
+    risk = backtracking_risk(pattern)
+    if risk is not None:
+        raise RulesetError(
+            f"raw regex {risk}",
+            source=source,
+            rule=rule,
+            fix="make the inner quantifier possessive (x++) or the group atomic ((?>...)), or use a template",
+            code="backtracking-risk",
+        )
     captures: dict[str, CaptureKind] = {}
     for name in compiled.groupindex:
         if name.startswith("_"):
@@ -244,3 +401,185 @@ def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | No
         digits = re.search(rf"\(\?P?<{re.escape(name)}>(\[0-9\]|\\d)\+\+?\)", pattern) is not None
         captures[name] = "int" if digits else "seg"
     return CompiledPattern(source=pattern, regex=pattern, captures=captures)
+
+
+def backtracking_risk(pattern: str) -> str | None:
+    """Why a raw regex could take more than linear time on a hostile key, or None when it cannot.
+
+    The test is conservative. A repeat may make the engine retry only where it can stop at more than one place:
+    a repeat of one character class is deterministic when what follows it is a literal it cannot match (or the
+    end), and possessive repeats and atomic groups never retry. Everything else that repeats is *ambiguous*, and
+    each scope (the pattern, an atomic group, a possessive repeat, a lookaround) may hold one ambiguous repeat at
+    most: two in one scope retry each other (polynomial time), and an ambiguous repeat or an alternation inside
+    a repeat can retry in exponentially many ways.
+
+    Example:
+        >>> backtracking_risk(r"(?:[^.]+\\.)*weight") is None, backtracking_risk(r"(?:a|aa)+b")
+        (True, "can backtrack exponentially: an alternation inside the repeat '(?:a|aa)+'")
+    """
+    try:
+        tree = _sre_parser.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return "cannot be shown to run in linear time: its syntax is not Python's re syntax"
+    try:
+        _scope(list(tree), follow=_END, pattern=pattern)
+    except _RiskError as risk:
+        return str(risk)
+    return None
+
+
+class _RiskError(Exception):
+    pass
+
+
+_END = object()
+_UNKNOWN = object()
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT}
+_SCOPES = {_sre.POSSESSIVE_REPEAT, _sre.ATOMIC_GROUP, _sre.ASSERT, _sre.ASSERT_NOT}
+_CHAR_OPS = {_sre.LITERAL, _sre.NOT_LITERAL, _sre.IN, _sre.ANY}
+
+
+def _scope(items: list[Any], *, follow: object, pattern: str) -> None:
+    """Check one scope: at most one ambiguous repeat in it, and no scope inside it broken."""
+    if _sequence(items, follow=follow, pattern=pattern) > 1:
+        raise _RiskError(
+            "can take more than linear time: several repeats that can each stop in many places, one after "
+            "another (the engine retries every split between them)"
+        )
+
+
+def _sequence(items: list[Any], *, follow: object, pattern: str) -> int:
+    """The ambiguous repeats of a sequence in the current scope; checks the scopes nested in it."""
+    count = 0
+    for k, (op, av) in enumerate(items):
+        after = items[k + 1] if k + 1 < len(items) else follow
+        if op in _REPEATS:
+            _, high, body = av
+            body = list(body)
+            if high == 1 or (high != _sre.MAXREPEAT and high <= 4):
+                count += _sequence(body, follow=after, pattern=pattern)
+                continue
+            if len(body) == 1 and body[0][0] in _CHAR_OPS:
+                if not _disjoint(body[0], _first(after)):
+                    count += _ambiguous(after, pattern)
+                continue
+            if any(inner in {_sre.BRANCH} for inner, _ in _walk(body)):
+                raise _RiskError(
+                    f"can backtrack exponentially: an alternation inside the repeat {_shown(pattern)}"
+                )
+            try:
+                nested = _sequence(body, follow=_UNKNOWN, pattern=pattern)
+            except _RiskError:
+                nested = 1
+            if nested:
+                raise _RiskError(f"can backtrack exponentially: nested quantifier {_shown(pattern)}")
+            count += _ambiguous(after, pattern)
+        elif op in _SCOPES:
+            body = (
+                av[2]
+                if op == _sre.POSSESSIVE_REPEAT
+                else av[1]
+                if op in (_sre.ASSERT, _sre.ASSERT_NOT)
+                else av
+            )
+            _scope(list(body), follow=_UNKNOWN, pattern=pattern)
+        elif op == _sre.SUBPATTERN:
+            count += _sequence(list(av[3]), follow=after, pattern=pattern)
+        elif op == _sre.BRANCH:
+            count += max(
+                (_sequence(list(branch), follow=after, pattern=pattern) for branch in av[1]), default=0
+            )
+        elif op == _sre.GROUPREF_EXISTS:
+            count += max(_sequence(list(part), follow=after, pattern=pattern) for part in av[1:] if part)
+    return count
+
+
+def _ambiguous(after: object, pattern: str) -> int:
+    """One ambiguous repeat, unless what follows it could take long to fail at each place it stops."""
+    first = _first(after)
+    if first is not _END and not (isinstance(first, tuple) and first[0] == _sre.LITERAL):
+        raise _RiskError(
+            "can take more than linear time: a repeat that can stop in many places, followed by more than a "
+            f"literal character ({_shown(pattern)})"
+        )
+    return 1
+
+
+def _first(after: object) -> object:
+    """The first node of what follows, through groups."""
+    while isinstance(after, tuple) and after[0] == _sre.SUBPATTERN and after[1][3]:
+        after = next(iter(after[1][3]))
+    return after
+
+
+def _walk(items: list[Any]) -> Iterator[tuple[Any, Any]]:
+    """Every node of a parsed sequence, nested ones included."""
+    for op, av in items:
+        yield op, av
+        if op in _REPEATS or op == _sre.POSSESSIVE_REPEAT:
+            yield from _walk(list(av[2]))
+        elif op == _sre.SUBPATTERN:
+            yield from _walk(list(av[3]))
+        elif op == _sre.BRANCH:
+            for branch in av[1]:
+                yield from _walk(list(branch))
+        elif op == _sre.ATOMIC_GROUP:
+            yield from _walk(list(av))
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            yield from _walk(list(av[1]))
+
+
+def _disjoint(char: tuple[Any, Any], after: object) -> bool:
+    """Whether a repeated character matcher can never match what follows it (so it stops in one place)."""
+    if after is _END:
+        return True
+    if not isinstance(after, tuple) or after[0] != _sre.LITERAL:
+        return False
+    return not _matches(char, after[1])
+
+
+def _matches(char: tuple[Any, Any], code: int) -> bool:
+    op, av = char
+    if op == _sre.LITERAL:
+        return bool(av == code)
+    if op == _sre.NOT_LITERAL:
+        return bool(av != code)
+    if op == _sre.ANY:
+        return code != ord("\n")
+    negate, found = False, False
+    for item, value in av:
+        if item == _sre.NEGATE:
+            negate = True
+        elif item == _sre.LITERAL:
+            found = found or value == code
+        elif item == _sre.RANGE:
+            found = found or value[0] <= code <= value[1]
+        else:
+            # A category (\d, \w, \s, their negations) or anything rarer: ask the engine.
+            found = found or _category(value, code)
+    return found != negate
+
+
+def _category(category: Any, code: int) -> bool:
+    names = {
+        _sre.CATEGORY_DIGIT: r"\d",
+        _sre.CATEGORY_NOT_DIGIT: r"\D",
+        _sre.CATEGORY_WORD: r"\w",
+        _sre.CATEGORY_NOT_WORD: r"\W",
+        _sre.CATEGORY_SPACE: r"\s",
+        _sre.CATEGORY_NOT_SPACE: r"\S",
+    }
+    regex = names.get(category)
+    # An unknown class: assume it matches (the repeat then counts as ambiguous).
+    return regex is None or re.fullmatch(regex, chr(code)) is not None
+
+
+def _shown(pattern: str) -> str:
+    """The first repeated group of a pattern, as written, for messages (else the whole pattern, cut)."""
+    group = _REPEATED_GROUP.search(pattern)
+    text = group.group(0) if group else pattern
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+# A repeated group (not atomic), innermost: (body)+, (body)*, (body){n,}.
+_REPEATED_GROUP = re.compile(r"\((?!\?>)(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,\d*\})\??(?![+])")

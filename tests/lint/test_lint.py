@@ -128,6 +128,14 @@ CASES = [
         'add rules for them, or set default = "replicate" or "drop"',
     ),
     (
+        "limit",
+        dict(text=HEAD + EXPERT, num_experts=10**12),
+        dict(text=HEAD + EXPERT, num_experts=4),
+        "error limit: rule 'expert': the size of index 'expert' is over the limit. Fix: check the param behind the "
+        "size of 'expert' against the model's config; if it is right, raise ownership.limits.MAX_INDEX_SIZE "
+        "(docs/limits.md)",
+    ),
+    (
         "index-out-of-range",
         dict(text=HEAD + EXPERT, num_experts=3),
         dict(text=HEAD + EXPERT, num_experts=4),
