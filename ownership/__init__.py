@@ -27,6 +27,7 @@ from ownership.errors import (  # noqa: E402
     DecisionError,
     IntegrityError,
     MeshError,
+    OutputError,
     OwnershipError,
     RulesetError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "Mesh",
     "MeshError",
     "MeshPlan",
+    "OutputError",
     "OwnershipError",
     "Plan",
     "RankRules",

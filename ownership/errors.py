@@ -5,6 +5,7 @@
     ├── DecisionError         a valid ruleset cannot decide a key: out of range, does not divide, unmatched
     ├── MeshError             a mesh, a rank, a process group or DeviceMesh that does not fit
     ├── CheckpointError       a checkpoint cannot be listed or read: missing, truncated, corrupt, unsafe
+    ├── OutputError           an output file cannot be written where it was asked to go
     └── IntegrityError        the ranks' loads, taken together, are not the checkpoint (`load_distributed`)
 
 Every error names what it is about (the file, the rule id, the key), what was found, what was expected and the
@@ -27,6 +28,7 @@ __all__ = [
     "DecisionError",
     "IntegrityError",
     "MeshError",
+    "OutputError",
     "OwnershipError",
     "RulesetError",
     "short",
@@ -112,6 +114,13 @@ class CheckpointError(OwnershipError):
     """A checkpoint cannot be listed or read: missing, truncated or corrupt files, unsafe pickles, bad selections."""
 
     default_code = "bad-checkpoint"
+
+
+class OutputError(OwnershipError):
+    """An output file cannot be written: its folder is read-only or missing, it is a folder, or it is a file of
+    the checkpoint being read. Nothing is left behind."""
+
+    default_code = "bad-output"
 
 
 class IntegrityError(OwnershipError):

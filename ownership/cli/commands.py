@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -30,7 +31,7 @@ from ownership.cli.render import (
     print_rank_plan,
     print_table,
 )
-from ownership.errors import OwnershipError, RulesetError
+from ownership.errors import OutputError, OwnershipError, RulesetError
 from ownership.formats.base import Checkpoint
 from ownership.formats.detect import CHECKPOINT_SUFFIXES, open_checkpoint, read_json_object
 from ownership.lint.case_file import case_file_for, load_cases
@@ -55,12 +56,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return handler(args)
+        with _terminated_as_exception():
+            return handler(args)
     except OwnershipError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so that what is being written is removed on the way out."""
+
+
+@contextmanager
+def _terminated_as_exception() -> Iterator[None]:
+    def terminate(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: the caller's signals are its own
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _RULESET_HELP = (
@@ -236,8 +264,8 @@ class _Inputs:
 
 
 @contextmanager
-def _inputs(args: argparse.Namespace) -> Iterator[_Inputs]:
-    """The command's inputs; an open checkpoint is closed when the block ends.
+def _inputs(args: argparse.Namespace, *, mmap: bool = True) -> Iterator[_Inputs]:
+    """The command's inputs; an open checkpoint (`mmap` as in `open_checkpoint`) is closed when the block ends.
 
     `ownership plan CKPT ...` (one positional that is a checkpoint) means `auto`: the ruleset is picked from the
     checkpoint's `model_type` (with --config laid over its config).
@@ -254,7 +282,7 @@ def _inputs(args: argparse.Namespace) -> Iterator[_Inputs]:
         if keys is not None:
             source, name = read_keys_path(keys), str(keys)
         elif args.checkpoint is not None:
-            source, name = stack.enter_context(open_checkpoint(args.checkpoint)), args.checkpoint
+            source, name = stack.enter_context(open_checkpoint(args.checkpoint, mmap=mmap)), args.checkpoint
         if args.ruleset == "auto":
             own = source.config if isinstance(source, Checkpoint) else None
             ruleset = detect_ruleset(merge_configs(own, config), source=args.checkpoint or "the checkpoint")
@@ -362,9 +390,19 @@ def _load(args: argparse.Namespace) -> int:
     from ownership.loading.loader import load
 
     dtype = _torch_dtype(args.dtype) if args.dtype else None
-    with _inputs(args) as given:
+    # Private copies, not views of the file's pages: the output is written from them, and a checkpoint rewritten
+    # meanwhile must be an error, not a crash.
+    with _inputs(args, mmap=False) as given:
         if not isinstance(given.source, Checkpoint):
             raise OwnershipError("nothing to load", fix="give a checkpoint file or folder")
+        out = args.out.resolve()
+        if any(out == path.resolve() for path in given.source.files()):
+            raise OutputError(
+                "the output would overwrite a file of the checkpoint being read",
+                source=str(args.out),
+                expected="a file outside the checkpoint",
+                fix="choose another --out",
+            )
         result = load(
             given.ruleset,
             given.source,

@@ -155,6 +155,10 @@ class Checkpoint(ABC):
         """
         return _ReadLater(self, requests)
 
+    def files(self) -> list[Path]:
+        """The files the checkpoint reads: its weights, and the index that names them."""
+        return [self.root]
+
     def byte_runs(self, key: str, selection: Selection = None) -> ByteRuns | None:
         """Where the owned bytes of a selection that keeps whole rows lie in the checkpoint's files, or None
         where the back-end must read them itself (a selection that cuts later dims, a record it cannot place)."""

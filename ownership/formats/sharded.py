@@ -169,6 +169,9 @@ class ShardedCheckpoint(Checkpoint):
             parts.append(self._shard(name).prepare_many(run))
         return _Parts(parts)
 
+    def files(self) -> list[Path]:
+        return [self.index_path, *(self.folder / name for name in dict.fromkeys(self._weight_map.values()))]
+
     def byte_runs(self, key: str, selection: Selection = None) -> ByteRuns | None:
         name = self._weight_map.get(key)
         if name is None:

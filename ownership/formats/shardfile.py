@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ownership.errors import CheckpointError
+from ownership.errors import CheckpointError, OutputError
 from ownership.placement.decision import Decision
 from ownership.placement.selection import Selection, dim_indices, selection_from_json, selection_to_json
 
@@ -47,8 +47,15 @@ def save_shard(
     *,
     info: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `(decision, global shape, tensor)` pieces to a safetensors file, atomically."""
+    """Write `(decision, global shape, tensor)` pieces to a safetensors file, atomically: written to a temporary
+    file beside it and renamed into place, so that a failure or an interrupt (the exception propagates, a signal
+    the caller turns into one) leaves neither. The file gets the process's umask, as any file it creates; a place
+    that cannot take it is an `OutputError`."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(
+            "the output is a folder", source=str(path), expected="a file name", fix="name a .safetensors file"
+        )
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, Any] = {}
     for decision, shape, tensor in pieces:
@@ -61,16 +68,40 @@ def save_shard(
             "selection": selection_to_json(decision.selection),
         }
     metadata = {METADATA_KEY: json.dumps({**(info or {}), "tensors": index}, separators=(",", ":"))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _cannot_write(path, error) from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # mkstemp makes files only their owner can read: give this one the mode any new file gets.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, (OSError, SafetensorError)):
+            raise _cannot_write(path, error) from None
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _cannot_write(path: Path, error: BaseException) -> OutputError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return OutputError(
+        "cannot write the output",
+        source=str(path),
+        found=reason,
+        expected="a file in a folder this process can write",
+        fix="choose another --out, or make its folder writable",
+    )
 
 
 def shard_index(path: str | os.PathLike[str]) -> dict[str, Any]:

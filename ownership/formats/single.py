@@ -146,6 +146,9 @@ class SingleFile(Checkpoint):
             preludes.append(prelude)
         return _Pending(self, self._reader.prepare(located, preludes=preludes), entries, preludes, others)
 
+    def files(self) -> list[Path]:
+        return [self._reader.path]
+
     def _data_offset(self, entry: Entry) -> int | None:
         """Where the entry's bytes start, row-major, without a prelude (None: the back-end reads it itself)."""
         return entry.offset

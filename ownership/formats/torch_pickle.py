@@ -23,7 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import io
 import pickle
+import re
 import struct
 import zipfile
 from collections import OrderedDict
@@ -125,11 +127,17 @@ class _LayoutUnpickler(pickle.Unpickler):
 def _extent(shape: tuple[int, ...], stride: tuple[Any, ...]) -> int | None:
     """Storage elements a tensor of `shape` and `stride` spans from its first (0 when it is empty); None for a
     stride that is not a tuple of non-negative ints of the shape's length."""
-    if len(shape) != len(stride) or any(type(step) is not int or step < 0 for step in stride):
+    if len(shape) != len(stride):
         return None
-    if any(size == 0 for size in shape):
-        return 0
-    return 1 + int(sum((size - 1) * step for size, step in zip(shape, stride, strict=True)))
+    extent = 1
+    # Once per tensor of a checkpoint that may hold tens of thousands: a plain loop.
+    for size, step in zip(shape, stride):  # noqa: B905 - the lengths are equal
+        if type(step) is not int or step < 0:
+            return None
+        if size == 0:
+            return 0
+        extent += (size - 1) * step
+    return extent
 
 
 def _row_major_numel(shape: tuple[int, ...], stride: tuple[Any, ...]) -> int | None:
@@ -309,6 +317,46 @@ def read_pickle(path: Path) -> PickledState | None:
         return _read_pickle(path)
 
 
+# Runs of the opcodes torch.save writes (protocol 2) whose arguments have a fixed size, matched in C; strings and
+# globals, whose length is in the data, are stepped over one by one. A memo index (LONG_BINPUT, `r`) must have a
+# zero top byte, or two for a pickle under 64 KiB (the C unpickler sizes its memo array by the largest index it is
+# given: one hostile index would have it allocate tens of GB; these bounds keep it under 256 MiB, and 1 MiB for a
+# small pickle). Any other opcode is not read here: the file goes to torch.load(weights_only=True).
+_FIXED_RUN = (
+    rb"(?:[qhK\x80][\x00-\xff]|[(})\]\x85\x86\x87tQRNbeasu.\x88\x89]|[jJ][\x00-\xff]{4}|M[\x00-\xff]{2}"
+    rb"|G[\x00-\xff]{8}|r[\x00-\xff]{%d}\x00{%d})+"
+)
+_RUNS = {small: re.compile(_FIXED_RUN % ((2, 2) if small else (3, 1))) for small in (True, False)}
+
+
+def _plausible(data: bytes) -> bool:
+    """Whether `data` is a pickle of torch.save's opcodes whose memo indices stay small (see `_FIXED_RUN`)."""
+    i, n, find = 0, len(data), data.find
+    match = _RUNS[n < 2**16].match
+    try:
+        while i < n:
+            run = match(data, i)
+            if run is not None:
+                i = run.end()
+                if i >= n:
+                    break
+            op = data[i]
+            if op in (0x58, 0x42, 0x54):  # BINUNICODE, BINBYTES, BINSTRING: a 4-byte length
+                i += 5 + (data[i + 1] | data[i + 2] << 8 | data[i + 3] << 16 | data[i + 4] << 24)
+            elif op in (0x55, 0x43, 0x8A):  # SHORT_BINSTRING, SHORT_BINBYTES, LONG1: a 1-byte length
+                i += 2 + data[i + 1]
+            elif op == 0x63:  # GLOBAL: module and name, a line each
+                end = find(10, i + 1)
+                i = find(10, end + 1) + 1 if end >= 0 else 0
+                if i == 0:
+                    return False
+            else:
+                return False
+    except IndexError:
+        return False
+    return True
+
+
 def _read_pickle(path: Path) -> PickledState | None:
     try:
         with path.open("rb") as handle:
@@ -318,9 +366,13 @@ def _read_pickle(path: Path) -> PickledState | None:
                 return None
             prefix = pickles[0][: -len(b"data.pkl")].decode("utf-8")
             handle.seek(data_offset(handle, members[pickles[0]][0]))
-            # Straight from the buffered file, which the C unpickler reads through `peek`: from an `io.BytesIO`,
-            # which has none, it makes a Python call per opcode, three times slower in all.
-            state = _LayoutUnpickler(handle).load()
+            size = members[pickles[0]][3]
+            data = handle.read(min(size, path.stat().st_size))
+            if len(data) != size or not _plausible(data):
+                return None
+            # Through a buffered reader, which the C unpickler reads with `peek`: from an `io.BytesIO`, which has
+            # none, it makes a Python call per opcode, three times slower in all.
+            state = _LayoutUnpickler(io.BufferedReader(io.BytesIO(data))).load()
     except (
         OSError,
         zipfile.BadZipFile,

@@ -313,7 +313,14 @@ def _report_keys(state: _Pass) -> None:
         )
 
 
-_KNOWN = {"index-out-of-range", "layout-mismatch", "shape-needed", "bad-capture", "shard-does-not-divide"}
+_KNOWN = {
+    "index-out-of-range",
+    "layout-mismatch",
+    "shape-needed",
+    "bad-capture",
+    "shard-does-not-divide",
+    "limit",
+}
 
 
 def _report_balance(state: _Pass) -> None:

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Protocol
 
 import regex as _regex
 
+from ownership import limits
 from ownership.errors import RulesetError
 from ownership.spec.layout import Layout, parse_layout
 from ownership.spec.params import size_names
@@ -155,6 +156,15 @@ def analyze(spec: RulesetSpec, *, source: str = "<string>") -> Program:
 def check(spec: RulesetSpec, *, source: str = "<string>") -> tuple[Program | None, list[RulesetError]]:
     """Every rule analysed once: the program (None when there are problems) and every static problem, in rule
     order."""
+    if len(spec.rules) > limits.MAX_RULES:
+        raise limits.over_limit(
+            "the number of rules",
+            name="MAX_RULES",
+            found=f"{len(spec.rules):,} rules",
+            error=RulesetError,
+            source=source,
+            fix="merge rules, or split the ruleset",
+        )
     sink: list[RulesetError] = []
     seen: set[str] = set()
     analyzed = []

@@ -100,6 +100,19 @@ def compile_template(template: str, *, rule: str | None = None, source: str | No
             rule=rule,
             fix="shorten the template or split the rule",
         )
+    ways = 1
+    for options in re.findall(r"\{([^{}]*)\}", template):
+        ways *= options.count(",") + 1
+    if ways > limits.MAX_TEMPLATE_ALTERNATIVES:
+        raise limits.over_limit(
+            "the alternatives of the template",
+            name="MAX_TEMPLATE_ALTERNATIVES",
+            found=f"{ways:,} ways through its {{…}}",
+            error=RulesetError,
+            source=source,
+            rule=rule,
+            fix="split the rule, or merge alternatives with '*'",
+        )
     captures: dict[str, CaptureKind] = {}
     pieces: list[_Piece] = []
     _translate(template, 0, len(template), captures, rule=rule, source=source, top=True, pieces=pieces)
