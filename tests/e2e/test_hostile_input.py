@@ -471,7 +471,10 @@ def test_duplicate_key_in_a_header(tmp_path: Path) -> None:
 )
 def test_offsets_that_do_not_tile_the_data(tmp_path: Path, offsets: list[list[int]], found: str) -> None:
     """before: overlapping offsets and holes were accepted (safetensors itself refuses both)."""
-    header = {key: {"dtype": "F32", "shape": [2], "data_offsets": span} for key, span in zip("ab", offsets)}
+    header = {
+        key: {"dtype": "F32", "shape": [2], "data_offsets": span}
+        for key, span in zip("ab", offsets, strict=True)
+    }
     path = _safetensors(tmp_path / "w.safetensors", header, b"\0" * 20)
     message = _listing_error(path)
     assert found in message
