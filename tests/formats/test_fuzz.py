@@ -107,9 +107,8 @@ def _fuzz_file(
         target = copy / name
         spoiled = spoil(target.read_bytes())
         target.write_bytes(spoiled)
-        with _reads_recorded(monkeypatch) as reads:
-            with contextlib.suppress(OwnershipError):
-                _load_everything(copy)
+        with _reads_recorded(monkeypatch) as reads, contextlib.suppress(OwnershipError):
+            _load_everything(copy)
         low = data_start(spoiled)
         outside = [
             (offset, length)
