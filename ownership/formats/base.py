@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ownership.errors import CheckpointError
 from ownership.formats.dtypes import dtype_itemsize
 from ownership.placement.selection import Selection
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TORCH_SUFFIXES",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
-from ownership.errors import CheckpointError
+from ownership.errors import CheckpointError, short
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,7 @@ __all__ = [
     "dtype_name",
     "torch_dtype",
     "torch_dtypes",
+    "unknown_dtype",
 ]
 
 
@@ -107,14 +108,19 @@ def torch_dtype(name: str, *, key: str, source: str) -> torch.dtype:
     try:
         return torch_dtypes()[name]
     except KeyError:
-        raise CheckpointError(
-            f"dtype {name!r} has no torch equivalent here",
-            source=source,
-            key=key,
-            found=name,
-            expected=f"one of {', '.join(torch_dtypes())}",
-            fix="upgrade torch, or convert the checkpoint",
-        ) from None
+        raise unknown_dtype(name, key=key, source=source, known=list(torch_dtypes())) from None
+
+
+def unknown_dtype(name: str, *, key: str, source: str, known: list[str] | None = None) -> CheckpointError:
+    """The error for a dtype this library (or, given `known`, this torch) cannot hold: no torch needed."""
+    return CheckpointError(
+        f"dtype {name!r} has no torch equivalent here",
+        source=source,
+        key=key,
+        found=name if len(name) <= 80 else short(name),
+        expected=f"one of {', '.join(DTYPES if known is None else known)}",
+        fix="upgrade torch, or convert the checkpoint",
+    )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from ownership.errors import CheckpointError, short
 from ownership.formats.base import Entry
-from ownership.formats.dtypes import DTYPE_ITEMSIZE, torch_dtype, torch_dtypes
+from ownership.formats.dtypes import DTYPE_ITEMSIZE, unknown_dtype
 from ownership.formats.single import SingleFile
 from ownership.gcpause import paused_gc
 from ownership.limits import MAX_HEADER_BYTES, MAX_KEY_LENGTH, over_limit, parse_json
@@ -107,7 +107,7 @@ def _scan(
     """Each header item as an entry, checked as strictly as the safetensors library checks it: dtype known,
     shape of non-negative ints, data offsets as long as the shape says, and tiling the data exactly (each
     tensor's bytes start where the one before ends, and the last ends at the end of the file)."""
-    itemsizes, dtypes, new = DTYPE_ITEMSIZE, torch_dtypes(), tuple.__new__
+    itemsizes, new = DTYPE_ITEMSIZE, tuple.__new__
     max_key, previous, previous_end = MAX_KEY_LENGTH, "", 0
     # A few operations per entry: headers of MoE adapters hold tens of thousands of entries.
     for key, info in items:
@@ -124,7 +124,7 @@ def _scan(
                 nbytes *= dim
         except (KeyError, TypeError, ValueError):
             if isinstance(info, dict) and "dtype" in info and info["dtype"] not in DTYPE_ITEMSIZE:
-                torch_dtype(str(info["dtype"]), key=key, source=display)
+                raise unknown_dtype(str(info["dtype"]), key=key, source=display) from None
             raise _corrupt(
                 display, f"a malformed header entry {short(info)}", "dtype, shape and data_offsets", key=key
             ) from None
@@ -152,8 +152,6 @@ def _scan(
                 key=key,
             )
         previous, previous_end = key, end
-        if dtype not in dtypes:
-            torch_dtype(dtype, key=key, source=display)
         # Entry is a NamedTuple: building it from a tuple skips its argument parsing.
         yield new(Entry, (key, dtype, shape, name, base + begin))
     if previous_end != data_size:

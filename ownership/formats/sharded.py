@@ -24,9 +24,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from itertools import groupby
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ownership.errors import CheckpointError
 from ownership.formats.base import TORCH_SUFFIXES, ByteRuns, Checkpoint, Entry, PendingRead
@@ -35,6 +33,9 @@ from ownership.formats.safetensors_file import SafetensorsFile
 from ownership.formats.torch_file import TorchFile
 from ownership.limits import MAX_KEY_LENGTH, over_limit
 from ownership.placement.selection import Selection
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ShardedCheckpoint"]
 

@@ -24,17 +24,19 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ownership.errors import CheckpointError
 from ownership.formats.base import ByteRuns, Checkpoint, Entry, PendingRead, ReadStats, check_selection
 from ownership.formats.dtypes import dtype_itemsize, torch_dtype
-from ownership.formats.pread import PendingReads, Prelude, ReadRequest, RowReader
 from ownership.formats.spans import row_byte_spans
 from ownership.gcpause import paused_gc
 from ownership.placement.selection import Selection
+
+if TYPE_CHECKING:
+    import torch
+
+    from ownership.formats.pread import PendingReads, Prelude, ReadRequest, RowReader
 
 __all__ = ["SingleFile"]
 
@@ -59,12 +61,22 @@ class SingleFile(Checkpoint):
         path = Path(path)
         super().__init__(path, config=config, stats=stats, mmap=mmap)
         self.display = display or str(path)
-        self._reader = RowReader(path, stats=self.stats, display=self.display, map_pages=mmap)
+        self.path = path
+        # Made on the first read: listing (planning, linting) needs neither the reader nor torch.
+        self._row_reader: RowReader | None = None
         self._entries: list[Entry] = []
         self._by_key: dict[str, Entry] = {}
         self._failure: CheckpointError | None = None
         self._lock = threading.Lock()
         self._scan: Iterator[Entry] | None = self._open()
+
+    @property
+    def _reader(self) -> RowReader:
+        if self._row_reader is None:
+            from ownership.formats.pread import RowReader
+
+            self._row_reader = RowReader(self.path, stats=self.stats, display=self.display, map_pages=self.map_pages)
+        return self._row_reader
 
     @abstractmethod
     def _open(self) -> Iterator[Entry]:
@@ -117,7 +129,8 @@ class SingleFile(Checkpoint):
         return list(self._entries)
 
     def close(self) -> None:
-        self._reader.close()
+        if self._row_reader is not None:
+            self._row_reader.close()
 
     def _checked(self, key: str, selection: Selection) -> Entry:
         """The entry of `key`, after checking that `selection` fits it."""
@@ -147,7 +160,7 @@ class SingleFile(Checkpoint):
         return _Pending(self, self._reader.prepare(located, preludes=preludes), entries, preludes, others)
 
     def files(self) -> list[Path]:
-        return [self._reader.path]
+        return [self.path]
 
     def _data_offset(self, entry: Entry) -> int | None:
         """Where the entry's bytes start, row-major, without a prelude (None: the back-end reads it itself)."""
@@ -159,7 +172,7 @@ class SingleFile(Checkpoint):
         offset = None if spans is None else self._data_offset(entry)
         if spans is None or offset is None:
             return None
-        return ByteRuns(self._reader.path, [(offset + lo, hi - lo) for lo, hi in spans])
+        return ByteRuns(self.path, [(offset + lo, hi - lo) for lo, hi in spans])
 
     def _read_other(self, entry: Entry, selection: Selection) -> torch.Tensor:
         """Read an entry that has no data offset; back-ends whose entries all have one never get here."""

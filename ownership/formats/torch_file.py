@@ -24,19 +24,21 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ownership.errors import CheckpointError
 from ownership.formats.base import Entry
 from ownership.formats.dtypes import dtype_name
-from ownership.formats.mapped import Prelude
 from ownership.formats.single import SingleFile
 from ownership.formats.spans import selection_read_count
-from ownership.formats.take import take
 from ownership.formats.torch_pickle import PickledState, data_offset_from, read_pickle
 from ownership.limits import MAX_KEY_LENGTH, over_limit
 from ownership.placement.selection import Selection
+
+if TYPE_CHECKING:
+    import torch
+
+    from ownership.formats.mapped import Prelude
 
 __all__ = ["TorchFile", "WholeFileReadWarning"]
 
@@ -91,6 +93,8 @@ class TorchFile(SingleFile):
             yield Entry(key, dtype, shape, name)
 
     def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        import torch
+
         if not path.is_file():
             raise CheckpointError("no such file", source=self.display, fix="check the path")
         mmap = _sniff(path, display=self.display)
@@ -193,13 +197,15 @@ class TorchFile(SingleFile):
         # Through torch.load(mmap=True): the mapped file's pages are touched only for the selection.
         with self._lock:
             if self._state is None:
-                self._state = self._load(self._reader.path)
+                self._state = self._load(self.path)
             state = self._state
         tensor = state[entry.key]
-        self.stats.files_opened.add(str(self._reader.path))
+        self.stats.files_opened.add(str(self.path))
         if self.mapped:
             # Through the reader's lock: this runs on reader threads too.
             self._reader._count(selection_read_count(selection, tuple(tensor.shape)) * tensor.element_size())
+        from ownership.formats.take import take
+
         return take(tensor, selection)
 
 

@@ -12,9 +12,13 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ownership.loading.entries import EntryLike, KeyEntry, entries_from
-from ownership.loading.loader import LoadResult, LoadStats, iter_load, load
 from ownership.loading.plan import MeshPlan, Plan, PlanBuilder, plan
+
+if TYPE_CHECKING:
+    from ownership.loading.loader import LoadResult, LoadStats, iter_load, load
 
 __all__ = [
     "EntryLike",
@@ -29,3 +33,14 @@ __all__ = [
     "load",
     "plan",
 ]
+
+# The loader needs torch; planning does not, so it is imported when asked for.
+_LOADER = {"LoadResult", "LoadStats", "iter_load", "load"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LOADER:
+        from ownership.loading import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'ownership.loading' has no attribute {name!r}")
