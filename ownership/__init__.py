@@ -34,6 +34,7 @@ from ownership.errors import (  # noqa: E402
 from ownership.placement.decision import Decision  # noqa: E402
 from ownership.placement.mesh import Mesh  # noqa: E402
 from ownership.ruleset import Explanation, Ruleset, load_ruleset  # noqa: E402
+from ownership.version import __version__ as __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from ownership.formats.detect import open_checkpoint
@@ -82,6 +83,3 @@ def __getattr__(name: str) -> object:
         module, attribute = _LAZY[name]
         return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'ownership' has no attribute {name!r}")
-
-
-__version__ = "0.2.0"

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 from ownership.compile.bind import BoundRuleset, bind
 from ownership.compile.rank import RankRules
@@ -36,7 +36,7 @@ from ownership.spec.schema import RulesetSpec, load_ruleset_spec, parse_ruleset
 if TYPE_CHECKING:
     from ownership.loading.plan import MeshPlan, Plan
 
-__all__ = ["Explanation", "Ruleset", "detect_ruleset", "load_ruleset"]
+__all__ = ["Explanation", "Ruleset", "RulesetLike", "detect_ruleset", "load_ruleset", "resolve_ruleset"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,21 @@ def load_ruleset(name_or_path: str | os.PathLike[str] | Ruleset) -> Ruleset:
     origin = rule_source(name_or_path)
     assert origin.path is not None
     return Ruleset.from_file(origin.path, source=origin)
+
+
+RulesetLike = Union["Ruleset", str, os.PathLike[str]]
+"""What every entry point takes as a ruleset: a `Ruleset`, a built-in name, a `model_type`, a rule file, or
+`"auto"` (the built-in for the checkpoint's `model_type`)."""
+
+
+def resolve_ruleset(
+    ruleset: RulesetLike, config: Mapping[str, Any] | None, *, source: str = "the checkpoint"
+) -> Ruleset:
+    """The `Ruleset` a caller means: `"auto"` picks the built-in for `config`'s `model_type` (`detect_ruleset`),
+    anything else is `load_ruleset`'s."""
+    if isinstance(ruleset, str) and ruleset == "auto":
+        return detect_ruleset(config, source=source)
+    return load_ruleset(ruleset)
 
 
 def detect_ruleset(config: Mapping[str, Any] | None, *, source: str = "the checkpoint") -> Ruleset:

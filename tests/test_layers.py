@@ -15,7 +15,7 @@ PACKAGE = ROOT / "ownership"
 
 # Lowest first. Names are dotted module prefixes; the edges share a layer and may not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("ownership.errors", "ownership.gcpause", "ownership.limits"),
+    ("ownership.errors", "ownership.gcpause", "ownership.limits", "ownership.units", "ownership.version"),
     ("ownership.spec",),
     ("ownership.placement",),
     ("ownership.compile",),

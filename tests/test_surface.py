@@ -86,7 +86,14 @@ PUBLIC = {
         "to_mesh",
     ],
     "ownership.compile": ["BoundRule", "BoundRuleset", "Owner", "RankRules", "bind"],
-    "ownership.ruleset": ["Explanation", "Ruleset", "detect_ruleset", "load_ruleset"],
+    "ownership.ruleset": [
+        "Explanation",
+        "Ruleset",
+        "RulesetLike",
+        "detect_ruleset",
+        "load_ruleset",
+        "resolve_ruleset",
+    ],
     "ownership.formats": [
         "ByteRuns",
         "Checkpoint",

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ownership.cli.render import (
-    human_bytes,
     print_case_report,
     print_explanation,
     print_json,
@@ -34,15 +34,16 @@ from ownership.cli.render import (
 from ownership.errors import OutputError, OwnershipError, RulesetError
 from ownership.formats.base import Checkpoint
 from ownership.formats.detect import CHECKPOINT_SUFFIXES, open_checkpoint, read_json_object
-from ownership.lint.case_file import case_file_for, load_cases
-from ownership.lint.cases import run_cases
+from ownership.formats.dtypes import as_torch_dtype
 from ownership.loading.entries import KeyEntry, check_shape, read_keys_path
 from ownership.loading.plan import MeshPlan, Plan, plan
 from ownership.placement.mesh import to_mesh
-from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset
+from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset, resolve_ruleset
 from ownership.spec.builtin import builtin_names, rule_source
 from ownership.spec.params import coerce_param, merge_configs
 from ownership.spec.schema import load_ruleset_spec, ruleset_json_schema
+from ownership.units import human_bytes
+from ownership.version import __version__
 
 __all__ = ["main", "parse_params"]
 
@@ -99,24 +100,70 @@ _CONFIG_HELP = "the base model's config.json, for params and model_type (adapter
 _KEYS_HELP = "key list: one key a line, optionally key<TAB>dtype<TAB>[shape]"
 
 
+_EXAMPLES = {
+    "explain": """examples:
+  ownership explain vllm-ep-lora base_model.model.model.layers.0.mlp.experts.70.up_proj.lora_A.weight \\
+      --mesh ep=4 --param num_experts=128
+  ownership explain auto model.layers.0.mlp.experts.gate_up_proj --checkpoint path/to/model --mesh ep=8,tp=2""",
+    "plan": """examples:
+  ownership plan path/to/model --mesh pp=2,ep=4 --all-ranks          # the ruleset from config.json's model_type
+  ownership plan vllm-ep-lora path/to/adapter --mesh ep=8 --rank 3 --config path/to/base/config.json
+  ownership plan llama --keys keys.tsv --mesh tp=4 --all-ranks --format json""",
+    "load": """examples:
+  ownership load path/to/model --mesh ep=8 --rank 3 --out rank3.safetensors
+  ownership load vllm-ep-lora path/to/adapter --mesh ep=8 --rank 3 --param num_experts=128 --out r3.safetensors""",
+    "lint": """examples:
+  ownership lint path/to/model --mesh pp=2,ep=4,tp=2
+  ownership lint rules/my-moe.toml path/to/adapter --config path/to/base/config.json --mesh ep=8 --format sarif""",
+    "test": """examples:
+  ownership test vllm-ep-lora
+  ownership test rules/my-moe.toml --cases rules/my-moe.cases.toml --format json""",
+    "rules": """examples:
+  ownership rules                  # the same as `ownership rules list`
+  ownership rules show transformers-moe""",
+}
+
+
+def _subcommand(commands: Any, name: str, help_text: str, **options: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help_text,
+        description=options.pop("description", help_text[:1].upper() + help_text[1:] + "."),
+        epilog=_EXAMPLES.get(name),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **options,
+    )
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ownership",
         description="Decide from declarative rules which part of a checkpoint each rank owns, and load exactly that.",
+        epilog="Run `ownership COMMAND --help` for a command's options and examples; docs/ has the reference.",
     )
+    parser.add_argument("--version", action="version", version=f"ownership {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    explain = commands.add_parser("explain", help="which rule decides a key, and who owns what of it")
-    explain.add_argument("ruleset", help="built-in ruleset name or rule file path")
+    explain = _subcommand(commands, "explain", "which rule decides a key, and who owns what of it")
+    explain.add_argument(
+        "ruleset", help=_RULESET_HELP.replace("may be left out", "needs --checkpoint for auto")
+    )
     explain.add_argument("key", help="tensor name")
     explain.add_argument(
-        "--shape", type=_shape, help="tensor shape, e.g. 24,32 (needed by rules with a layout)"
+        "--checkpoint",
+        help="checkpoint file or folder: its config.json for params and `auto`, its header for the shape",
+    )
+    explain.add_argument(
+        "--shape",
+        type=_shape,
+        help="tensor shape, e.g. 24,32 (needed by rules with a layout; read from --checkpoint)",
     )
     explain.add_argument("--rank", type=int, help="only this rank (default: every rank)")
     _common(explain)
     explain.set_defaults(handler=_explain)
 
-    plan_ = commands.add_parser("plan", help="what each rank owns of a checkpoint or key list")
+    plan_ = _subcommand(commands, "plan", "what each rank owns of a checkpoint or key list")
     plan_.add_argument("ruleset", help=_RULESET_HELP)
     plan_.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
     plan_.add_argument("--keys", type=Path, help=_KEYS_HELP)
@@ -124,41 +171,40 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--rank", type=int, help="one rank")
     which.add_argument("--all-ranks", action="store_true", help="every rank of the mesh")
     _common(plan_)
+    plan_.add_argument("--wide", action="store_true", help="print keys whole, however wide the terminal")
     plan_.set_defaults(handler=_plan)
 
-    rules = commands.add_parser("rules", help="built-in rulesets")
+    rules = _subcommand(commands, "rules", "the built-in rulesets: list them, or show one")
     rules_commands = rules.add_subparsers(metavar="ACTION")
-    rules_list = rules_commands.add_parser("list", help="list the built-in rulesets")
-    rules_list.add_argument("--format", choices=("table", "json"), default="table")
+    rules_list = rules_commands.add_parser("list", help="list the built-in rulesets (the default)")
+    rules_list.add_argument("--format", choices=("table", "json"), default="table", help=_FORMAT_HELP)
     rules_list.set_defaults(handler=_rules_list)
-    rules_show = rules_commands.add_parser("show", help="print a ruleset's file")
+    rules_show = rules_commands.add_parser("show", help="print a ruleset's file, and the rules it inherits")
     rules_show.add_argument("name", help="built-in ruleset name or rule file path")
     rules_show.set_defaults(handler=_rules_show)
+    rules.set_defaults(handler=_rules_list, format="table")
 
-    load = commands.add_parser("load", help="read one rank's share of a checkpoint into a safetensors file")
+    load = _subcommand(commands, "load", "read one rank's share of a checkpoint into a safetensors file")
     load.add_argument("ruleset", help=_RULESET_HELP)
     load.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
     load.add_argument("--rank", type=int, required=True, help="the rank to load")
     load.add_argument("--out", type=Path, required=True, help="output .safetensors file (written atomically)")
-    load.add_argument("--dtype", help="cast floating-point tensors, e.g. bfloat16")
+    load.add_argument("--force", action="store_true", help="replace --out if it exists")
+    load.add_argument("--dtype", help="cast floating-point tensors, e.g. bfloat16 (or bf16, fp16, float32)")
     _common(load)
     load.set_defaults(handler=_load)
 
-    lint = commands.add_parser(
-        "lint", help="prove a ruleset against a checkpoint and a mesh (exit 1 on errors)"
-    )
+    lint = _subcommand(commands, "lint", "prove a ruleset against a checkpoint and a mesh (exit 1 on errors)")
     lint.add_argument("ruleset", help=_RULESET_HELP)
     lint.add_argument("checkpoint", nargs="?", help="checkpoint file or folder (headers only are read)")
     lint.add_argument("--keys", type=Path, help=_KEYS_HELP)
-    lint.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
-    lint.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a ruleset param")
-    lint.add_argument("--config", type=Path, help=_CONFIG_HELP)
-    lint.add_argument("--format", choices=("text", "json", "sarif"), default="text")
+    _common(lint, formats=("text", "json", "sarif"))
     lint.set_defaults(handler=_lint)
 
-    test = commands.add_parser(
+    test = _subcommand(
+        commands,
         "test",
-        help="run a ruleset's annotated cases (exit 1 on failures)",
+        "run a ruleset's annotated cases (exit 1 on failures)",
         description="Check a ruleset against its case file: the owners, selection and local key of each key.",
     )
     test.add_argument("ruleset", help="built-in ruleset name or rule file path")
@@ -167,13 +213,13 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="case file (default: NAME.cases.toml beside the rule file; built-ins in rules/)",
     )
-    test.add_argument("--format", choices=("text", "json"), default="text")
+    test.add_argument("--format", choices=("text", "json"), default="text", help=_FORMAT_HELP)
     test.set_defaults(handler=_test)
 
-    schema = commands.add_parser("schema", help="print the JSON Schema of rule files")
+    schema = _subcommand(commands, "schema", "print the JSON Schema of rule files")
     schema.set_defaults(handler=_schema)
 
-    demo = commands.add_parser("demo", help="plan and load a synthetic MoE LoRA adapter at ep=4")
+    demo = _subcommand(commands, "demo", "plan and load a synthetic MoE LoRA adapter at ep=4")
     demo.add_argument("--ep", type=int, default=4, help="expert-parallel size")
     demo.add_argument("--rank", type=int, default=1, help="the rank to load")
     demo.set_defaults(handler=_demo)
@@ -181,7 +227,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+_FORMAT_HELP = "text for people (the default), json for programs"
+
+
+def _common(parser: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("table", "json")) -> None:
     parser.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
     parser.add_argument(
         "--param",
@@ -191,7 +240,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="a ruleset param (repeatable), e.g. num_experts=128; JSON values allowed",
     )
     parser.add_argument("--config", type=Path, help=_CONFIG_HELP)
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--format",
+        choices=formats,
+        default=formats[0],
+        help=_FORMAT_HELP
+        + (", sarif for CI systems that show findings inline" if "sarif" in formats else ""),
+    )
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -234,14 +289,17 @@ def _read_config(path: Path | None) -> dict[str, Any] | None:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    ruleset = load_ruleset(args.ruleset)
+    config = _read_config(args.config)
+    shape = args.shape
+    if args.checkpoint is not None:
+        # Its config gives params (and `auto` its ruleset), its header the key's shape.
+        with open_checkpoint(_existing_checkpoint(args.checkpoint)) as checkpoint:
+            config = merge_configs(checkpoint.config, config)
+            if shape is None:
+                shape = checkpoint.entry(args.key).shape
+    ruleset = resolve_ruleset(args.ruleset, config, source=args.checkpoint or "the checkpoint")
     found = ruleset.explain(
-        args.key,
-        mesh=args.mesh,
-        shape=args.shape,
-        rank=args.rank,
-        params=parse_params(args.param),
-        config=_read_config(args.config),
+        args.key, mesh=args.mesh, shape=shape, rank=args.rank, params=parse_params(args.param), config=config
     )
     if args.format == "json":
         print_json(found.to_json())
@@ -273,6 +331,8 @@ def _inputs(args: argparse.Namespace, *, mmap: bool = True) -> Iterator[_Inputs]
     keys: Path | None = getattr(args, "keys", None)
     if args.checkpoint is None and keys is None and _is_checkpoint(args.ruleset):
         args.checkpoint, args.ruleset = args.ruleset, "auto"
+    if args.checkpoint is not None:
+        _existing_checkpoint(args.checkpoint)
     if keys is not None and args.checkpoint is not None:
         raise OwnershipError("give a checkpoint or --keys, not both", fix="drop one of them")
     config = _read_config(args.config)
@@ -292,8 +352,20 @@ def _inputs(args: argparse.Namespace, *, mmap: bool = True) -> Iterator[_Inputs]
 
 
 def _is_checkpoint(text: str) -> bool:
+    """Whether a lone positional names a checkpoint (then the ruleset is `auto`): a folder, a weights or index
+    file, or a path that is meant as one (a checkpoint's suffix, or a path that is no rule file), existing or
+    not, so that a mistyped path is reported as the checkpoint it is."""
     path = Path(text)
-    return path.is_dir() or (path.is_file() and path.suffix in CHECKPOINT_SUFFIXES)
+    if path.is_dir() or path.suffix in CHECKPOINT_SUFFIXES:
+        return True
+    return not path.exists() and path.suffix != ".toml" and ("/" in text or os.sep in text)
+
+
+def _existing_checkpoint(text: str) -> str:
+    """`text`, unless no checkpoint is there: a `CheckpointError` naming it (and what is close by)."""
+    if not Path(text).exists():
+        open_checkpoint(text)  # the error, with its did-you-mean
+    return text
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -311,9 +383,13 @@ def _plan(args: argparse.Namespace) -> int:
     if args.format == "json":
         print_json(_plan_json(result, given.ruleset, mesh=args.mesh))
     elif isinstance(result, MeshPlan):
-        print_mesh_plan(result, given.name)
+        own = given.source.config if isinstance(given.source, Checkpoint) else None
+        bound = given.ruleset.bind(
+            mesh=args.mesh, params=given.params, config=merge_configs(own, given.config)
+        )
+        print_mesh_plan(result, given.name, bound=bound)
     else:
-        print_rank_plan(result, given.name)
+        print_rank_plan(result, given.name, wide=args.wide)
     return 0
 
 
@@ -358,6 +434,7 @@ def _rules_list(args: argparse.Namespace) -> int:
             ]
             for r in rows
         ],
+        shrink={3: "end", 4: "end"},
     )
     return 0
 
@@ -389,7 +466,7 @@ def _load(args: argparse.Namespace) -> int:
     from ownership.formats.shardfile import save_shard
     from ownership.loading.loader import load
 
-    dtype = _torch_dtype(args.dtype) if args.dtype else None
+    dtype = as_torch_dtype(args.dtype)
     # Private copies, not views of the file's pages: the output is written from them, and a checkpoint rewritten
     # meanwhile must be an error, not a crash.
     with _inputs(args, mmap=False) as given:
@@ -402,6 +479,13 @@ def _load(args: argparse.Namespace) -> int:
                 source=str(args.out),
                 expected="a file outside the checkpoint",
                 fix="choose another --out",
+            )
+        if out.is_file() and not args.force:
+            raise OutputError(
+                "the output exists",
+                source=str(args.out),
+                expected="a new file",
+                fix="pass --force to replace it, or choose another --out",
             )
         result = load(
             given.ruleset,
@@ -444,19 +528,6 @@ def _load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise OwnershipError(
-            f"unknown dtype {name!r}",
-            expected="a torch dtype name such as bfloat16 or float32",
-            fix="pass --dtype bfloat16",
-        )
-    return value
-
-
 def _lint(args: argparse.Namespace) -> int:
     from ownership.lint import lint, to_json, to_sarif, to_text
     from ownership.lint.output import rule_lines
@@ -476,6 +547,9 @@ def _lint(args: argparse.Namespace) -> int:
 def _test(args: argparse.Namespace) -> int:
     """`ownership test RULESET [--cases FILE] [--format text|json]`: run a ruleset's case file; 0 when every
     check passes, 1 when one fails, 2 (the error on stderr) when the ruleset or the case file cannot be used."""
+    from ownership.lint.case_file import case_file_for, load_cases
+    from ownership.lint.cases import run_cases
+
     ruleset = load_ruleset(args.ruleset)
     path = Path(args.cases) if args.cases else case_file_for(ruleset)
     if not path.is_file():

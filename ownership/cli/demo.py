@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ownership.cli.render import human_bytes, print_table
+from ownership.cli.render import print_table
 from ownership.loading.loader import load
 from ownership.loading.plan import MeshPlan
 from ownership.ruleset import load_ruleset
+from ownership.units import human_bytes
 
 __all__ = ["run_demo", "write_demo_adapter"]
 

@@ -301,7 +301,8 @@ class BoundRule:
                 key=key,
                 rule=self.id,
                 expected="a shape",
-                fix="pass shape= (or --shape 24,32), or plan from a checkpoint whose headers give it",
+                fix="give the tensor's shape: plan or lint a checkpoint (its headers have it) or a key list with "
+                "shapes (key<TAB>dtype<TAB>[d0,d1]), pass shape= in Python, or --shape to `ownership explain`",
                 code="shape-needed",
             )
         cache_key = (shape, dim_coords)

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -55,14 +56,13 @@ def open_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> Check
     """Open a checkpoint file or folder, detecting its format from names and contents."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError("no such file or folder", source=str(path), fix="check the path")
+        raise CheckpointError(
+            "no such checkpoint", source=str(path), found="no file or folder there", fix=_did_you_mean(path)
+        )
     if path.is_file():
-        return _open_file(path, config=None, mmap=mmap)
-    adapter_config = _json(path / "adapter_config.json")
-    config = _json(path / "config.json")
-    base_config = _base_model_config(adapter_config, folder=path)
-    parts = [c for c in (adapter_config, base_config, config) if c is not None]
-    merged = {k: v for c in parts for k, v in c.items()} if parts else None
+        # A file's folder holds its config, as a model folder does: an index or a shard is read with it.
+        return _open_file(path, config=_folder_config(path.parent)[0], mmap=mmap)
+    merged, adapter_config, config = _folder_config(path)
     if adapter_config is not None:
         for name in _ADAPTER_FILES:
             if (path / name).is_file():
@@ -96,6 +96,29 @@ def open_checkpoint(path: str | os.PathLike[str], *, mmap: bool = True) -> Check
         + ", or a single .safetensors/.bin/.pt file",
         fix="point at the weight file or index directly",
     )
+
+
+def _folder_config(
+    folder: Path,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """A folder's config: adapter_config.json, its base model's config.json, and config.json merged in that order
+    (later wins); and the adapter config and the config themselves."""
+    adapter_config = _json(folder / "adapter_config.json")
+    config = _json(folder / "config.json")
+    base_config = _base_model_config(adapter_config, folder=folder)
+    parts = [c for c in (adapter_config, base_config, config) if c is not None]
+    merged = {k: v for c in parts for k, v in c.items()} if parts else None
+    return merged, adapter_config, config
+
+
+def _did_you_mean(path: Path) -> str:
+    """Check the path, naming the closest file or folder beside where it points, if one is close."""
+    try:
+        near = [child.name for child in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        near = []
+    close = difflib.get_close_matches(path.name, near, n=1)
+    return f"check the path (did you mean {str(path.parent / close[0])!r}?)" if close else "check the path"
 
 
 def _base_model_config(adapter_config: dict[str, Any] | None, *, folder: Path) -> dict[str, Any] | None:

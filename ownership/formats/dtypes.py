@@ -27,6 +27,7 @@ __all__ = [
     "DTYPE_ITEMSIZE",
     "STORAGE_DTYPES",
     "DType",
+    "as_torch_dtype",
     "dtype_itemsize",
     "dtype_name",
     "torch_dtype",
@@ -109,6 +110,45 @@ def torch_dtype(name: str, *, key: str, source: str) -> torch.dtype:
         return torch_dtypes()[name]
     except KeyError:
         raise unknown_dtype(name, key=key, source=source, known=list(torch_dtypes())) from None
+
+
+_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+    "fp64": "float64",
+    "double": "float64",
+    "fp8": "float8_e4m3fn",
+}
+
+
+def as_torch_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from itself or a name: torch's (`"bfloat16"`, `"torch.bfloat16"`), a common short one
+    (`"bf16"`, `"fp16"`, `"half"`) or a safetensors one (`"BF16"`); anything else is a `CheckpointError`.
+
+    Example:
+        >>> as_torch_dtype("bf16"), as_torch_dtype("torch.float16"), as_torch_dtype("F32")
+        (torch.bfloat16, torch.float16, torch.float32)
+    """
+    if value is None or not isinstance(value, str):
+        return value
+    import torch
+
+    name = value.strip().removeprefix("torch.")
+    if name in torch_dtypes():
+        return torch_dtypes()[name]
+    found = getattr(torch, _ALIASES.get(name.lower(), name.lower()), None)
+    if isinstance(found, torch.dtype):
+        return found
+    raise CheckpointError(
+        f"unknown dtype {value!r}",
+        found=short(value),
+        expected="a torch dtype or its name: bfloat16, float16, float32, bf16, fp16, fp32, BF16, ...",
+        fix="pass dtype='bfloat16' (--dtype bfloat16)",
+        code="bad-dtype",
+    )
 
 
 def unknown_dtype(name: str, *, key: str, source: str, known: list[str] | None = None) -> CheckpointError:

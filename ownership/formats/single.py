@@ -75,7 +75,9 @@ class SingleFile(Checkpoint):
         if self._row_reader is None:
             from ownership.formats.pread import RowReader
 
-            self._row_reader = RowReader(self.path, stats=self.stats, display=self.display, map_pages=self.map_pages)
+            self._row_reader = RowReader(
+                self.path, stats=self.stats, display=self.display, map_pages=self.map_pages
+            )
         return self._row_reader
 
     @abstractmethod

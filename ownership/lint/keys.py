@@ -39,6 +39,7 @@ from ownership.placement.decision import DEFAULT_RULE
 from ownership.placement.selection import Selection
 from ownership.placement.strategy import Shard
 from ownership.spec.program import Match, compile_fullmatch
+from ownership.units import human_bytes
 
 __all__ = ["check_keys"]
 
@@ -331,6 +332,7 @@ def _report_balance(state: _Pass) -> None:
     peak = max(per_rank)
     state.report.add(
         "byte-balance",
-        f"bytes per rank: max {peak} on rank {per_rank.index(peak)}, mean {mean:.0f}, max/mean {peak / mean:.3f}",
+        f"bytes per rank: max {human_bytes(peak)} on rank {per_rank.index(peak)}, mean {human_bytes(mean)}, "
+        f"max/mean {peak / mean:.3f}",
         data={"bytes_per_rank": per_rank, "max_over_mean": round(peak / mean, 4)},
     )

@@ -25,7 +25,7 @@ from ownership.lint.keys import check_keys
 from ownership.lint.static import finding_of, static_findings
 from ownership.loading.entries import Source, entries_from
 from ownership.placement.mesh import MeshLike, to_mesh
-from ownership.ruleset import Ruleset
+from ownership.ruleset import Ruleset, detect_ruleset
 from ownership.spec.builtin import RuleSource, rule_source
 from ownership.spec.extends import resolve_spec
 from ownership.spec.params import merge_configs
@@ -44,8 +44,8 @@ def lint(
     config: Mapping[str, Any] | None = None,
     text: str | None = None,
 ) -> LintReport:
-    """Lint a ruleset (a `Ruleset`, a name, a path, a parsed spec, or `text` of a rule file) against `source`
-    and `mesh`.
+    """Lint a ruleset (a `Ruleset`, a name, a path, `"auto"` for the built-in of the checkpoint's `model_type`,
+    a parsed spec, or `text` of a rule file) against `source` and `mesh`.
 
     `source` is a checkpoint path or an open checkpoint, a list of keys or `(key, dtype, shape)`, entries, or
     None for the static checks and binding alone. `config` (a base model's config.json, say, for an adapter) is
@@ -54,6 +54,8 @@ def lint(
     mesh_obj = to_mesh(mesh)
     entries, own_config = entries_from(source) if source is not None else (None, None)
     config = merge_configs(own_config, config)
+    if isinstance(ruleset, str) and ruleset == "auto" and text is None:
+        ruleset = detect_ruleset(config)
     loaded = _load(ruleset, text)
     report = LintReport(
         loaded.name,

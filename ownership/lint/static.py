@@ -32,8 +32,14 @@ def static_findings(program: Program | None, problems: list[RulesetError]) -> li
 
 
 def finding_of(error: RulesetError) -> Finding:
-    """A compiler error as a finding under its own code."""
-    return Finding(error.code or "schema", "error", error.message, rule=error.rule, fix=error.fix)
+    """A compiler error as a finding under its own code, with what it found and expected, and any further
+    problems it lists (its detail) in the finding's data."""
+    message = error.message
+    if error.found is not None:
+        facts = [f"found {error.found}", *([f"expected {error.expected}"] if error.expected else [])]
+        message += f" ({', '.join(facts)})"
+    data = {"also": error.detail.strip().splitlines()} if error.detail else {}
+    return Finding(error.code or "schema", "error", message, rule=error.rule, fix=error.fix, data=data)
 
 
 def _unused_captures(program: Program) -> list[Finding]:

@@ -43,7 +43,7 @@ import torch
 from ownership.errors import CheckpointError
 from ownership.formats.base import Checkpoint, PendingRead
 from ownership.formats.detect import open_checkpoint
-from ownership.formats.dtypes import torch_dtype
+from ownership.formats.dtypes import as_torch_dtype, torch_dtype
 from ownership.gcpause import paused_gc
 from ownership.loading.entries import EntryLike, entry_nbytes
 from ownership.loading.plan import Plan, PlanBuilder
@@ -51,8 +51,9 @@ from ownership.loading.staging import CudaTransfer, FileRuns, Fill, StagingRing,
 from ownership.placement.decision import Decision
 from ownership.placement.mesh import MeshLike
 from ownership.placement.selection import Selection, selection_shape
-from ownership.ruleset import Ruleset, load_ruleset
+from ownership.ruleset import RulesetLike, resolve_ruleset
 from ownership.spec.params import merge_configs
+from ownership.units import human_bytes
 
 __all__ = ["LoadResult", "LoadStats", "iter_load", "load"]
 
@@ -334,7 +335,7 @@ def _check_cast(source: torch.dtype, dtype: torch.dtype, *, key: str) -> None:
 
 
 def load(
-    ruleset: Ruleset | str | os.PathLike[str],
+    ruleset: RulesetLike,
     checkpoint: str | os.PathLike[str] | Checkpoint,
     *,
     mesh: MeshLike,
@@ -342,20 +343,23 @@ def load(
     params: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: bool | None = None,
     mmap: bool = True,
 ) -> LoadResult:
     """Plan `rank`'s share of `checkpoint` from its headers and read exactly that.
 
-    `ruleset` is a `Ruleset`, a built-in name, a `model_type` or a rule file; `checkpoint` a path (file or
-    folder) or a checkpoint already open (`open_checkpoint`, left open). Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys, with
+    `ruleset` is a `Ruleset`, a built-in name, a `model_type`, a rule file or `"auto"` (the built-in for the
+    checkpoint's `model_type`); `checkpoint` a path (file or folder) or a checkpoint already open
+    (`open_checkpoint`, left open: it reads as it was opened, whatever `mmap` says). `dtype` is a torch dtype or
+    its name (`"bfloat16"`, `"bf16"`, `"torch.float16"`). The tensors fit `model.load_state_dict` as they are:
+    `model.load_state_dict(ownership.load("auto", path, mesh="ep=8", rank=3).tensors)`. Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys, with
     `config` (for an adapter, its base model's config.json) laid over it. With `mmap` (the default), large
     tensors kept whole or by rows are copy-on-write views of the file's pages, mapped and populated, as
     safetensors and `torch.load(mmap=True)` give them: the file must not be truncated or rewritten in place while
     they live. `mmap=False` reads every tensor into memory of its own.
     """
-    ruleset = load_ruleset(ruleset)
+    dtype = as_torch_dtype(dtype)
     opened = (
         nullcontext(checkpoint)
         if isinstance(checkpoint, Checkpoint)
@@ -363,7 +367,10 @@ def load(
     )
     # One pause of the cyclic collector for the whole load: the header's objects are collected once, after.
     with paused_gc(), opened as source:
-        bound = ruleset.bind(mesh=mesh, params=params, config=merge_configs(source.config, config))
+        merged = merge_configs(source.config, config)
+        bound = resolve_ruleset(ruleset, merged, source=str(checkpoint)).bind(
+            mesh=mesh, params=params, config=merged
+        )
         builder = PlanBuilder(bound, source.iter_entries(), rank=rank)
         stats = LoadStats()
         finished: list[Plan] = []
@@ -395,13 +402,19 @@ def load(
 
 class _Bar:
     def __init__(self, total: int) -> None:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+        from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn
+        from rich.text import Text
+
+        class Speed(ProgressColumn):  # rich's own speed column counts in decimal units
+            def render(self, task: Any) -> Text:
+                speed = task.finished_speed or task.speed
+                return Text("?" if speed is None else f"{human_bytes(speed)}/s", style="progress.data.speed")
 
         self._progress = Progress(
             "[progress.description]{task.description}",
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            DownloadColumn(binary_units=True),
+            Speed(),
             transient=True,
         )
         self._task = self._progress.add_task("loading", total=total)

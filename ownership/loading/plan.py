@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import prod
@@ -29,14 +28,14 @@ from ownership.gcpause import paused_gc
 from ownership.loading.entries import EntryLike, Source, entries_from, entry_nbytes
 from ownership.placement.decision import Decision
 from ownership.placement.mesh import MeshLike
-from ownership.ruleset import Ruleset, load_ruleset
+from ownership.ruleset import RulesetLike, resolve_ruleset
 from ownership.spec.params import merge_configs
 
 __all__ = ["MeshPlan", "Plan", "PlanBuilder", "build_mesh_plan", "build_plan", "plan"]
 
 
 def plan(
-    ruleset: Ruleset | str | os.PathLike[str],
+    ruleset: RulesetLike,
     source: Source,
     *,
     mesh: MeshLike,
@@ -46,13 +45,15 @@ def plan(
 ) -> Plan | MeshPlan:
     """Decide every entry of `source` for `rank`, or for every rank when `rank` is None.
 
-    `ruleset` is a `Ruleset`, a built-in name, a `model_type` or a rule file. `source` is a checkpoint path
+    `ruleset` is a `Ruleset`, a built-in name, a `model_type`, a rule file or `"auto"` (the built-in for the
+    checkpoint's `model_type`, with `config` laid over its config). `source` is a checkpoint path
     (file or folder; params such as `num_experts` are then also read from its config.json), an open checkpoint,
     entries, keys, or `(key, dtype, shape)` triples. `config` (for an adapter, its base model's config.json) is
     laid over the checkpoint's own.
     """
     entries, own_config = entries_from(source)
-    bound = load_ruleset(ruleset).bind(mesh=mesh, params=params, config=merge_configs(own_config, config))
+    merged = merge_configs(own_config, config)
+    bound = resolve_ruleset(ruleset, merged).bind(mesh=mesh, params=params, config=merged)
     if rank is None:
         return build_mesh_plan(bound, entries)
     return build_plan(bound, entries, rank=rank)

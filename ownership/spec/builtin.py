@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass
@@ -110,12 +111,14 @@ def builtin_path(name: str) -> Path:
     """The file of a built-in ruleset; an unknown name lists the known ones."""
     path = builtin_dir() / f"{name}.toml"
     if not path.is_file():
+        close = difflib.get_close_matches(name, [*builtin_names(), *families()], n=1)
+        hint = f"did you mean {close[0]!r}? Else run" if close else "run"
         raise RulesetError(
             f"no built-in ruleset {name!r}",
             found=repr(name),
             expected=f"one of {', '.join(builtin_names())}, a model_type ({', '.join(sorted(families()))}) "
             "or a path to a .toml file",
-            fix="run `ownership rules list`, or pass a file path",
+            fix=f"{hint} `ownership rules list`, or pass a file path",
             code="unknown-ruleset",
         )
     return path

@@ -124,7 +124,7 @@ def resolve_params(
                 source=source,
                 found=repr(value),
                 expected=f"one of {spec.choices}",
-                fix=f"pass --param {name}=<one of those>",
+                fix=f"pass --param {name}=VALUE with one of {', '.join(map(str, spec.choices))}",
                 code="bad-param",
             )
         values[name] = value

@@ -27,12 +27,11 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
-
-import regex as _regex
 
 from ownership import limits
 from ownership.errors import RulesetError
@@ -126,7 +125,7 @@ class Program:
     by_group: dict[str, AnalyzedRule]
     regex: str
     match: Any
-    """`fullmatch` of the joined pattern (stdlib `re` where it compiles, else the `regex` module)."""
+    """`fullmatch` of the joined pattern (the standard library's `re`)."""
     group_numbers: dict[str, int]
     """Number of each group of the joined pattern (a rule's outer group `_r<index>` is the cheapest to test)."""
 
@@ -435,13 +434,18 @@ def _placement_problems(
 
 
 def _unknown_axis(axis: str, rule: RuleSpec, spec: RulesetSpec, source: str, *, what: str) -> RulesetError:
+    close = difflib.get_close_matches(axis, spec.axes, n=1) or [
+        a for a in spec.axes if a.lower() == axis.lower()
+    ]
     return RulesetError(
         f"unknown axis {axis!r} in {what}",
         source=source,
         rule=rule.id,
         found=repr(axis),
         expected=f"one of the ruleset's axes {spec.axes}",
-        fix=f"add {axis!r} to `axes` at the top of the file, or correct the spelling",
+        fix=f"correct the spelling (did you mean {close[0]!r}?)"
+        if close
+        else f"add {axis!r} to `axes` at the top of the file, or correct the spelling",
         code="unknown-axis",
     )
 
@@ -499,12 +503,8 @@ def _parse_rename(
 
 
 def compile_fullmatch(pattern: str) -> Any:
-    """`fullmatch` of a pattern: the standard library's where it compiles (faster), else the `regex` module's
-    (syntax only it knows, from a raw-regex rule)."""
-    try:
-        return re.compile(pattern).fullmatch
-    except re.error:
-        return _regex.compile(pattern).fullmatch
+    """`fullmatch` of a pattern (templates and checked raw regexes: the standard library's syntax)."""
+    return re.compile(pattern).fullmatch
 
 
 def _join(spec: RulesetSpec, source: str, rules: tuple[AnalyzedRule, ...]) -> Program:

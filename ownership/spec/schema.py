@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Callable
@@ -295,17 +296,26 @@ def explain_validation(
     loc = tuple(first["loc"])
     at = locate(loc)
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    # Every problem, one a line: the first is in the message, the others say where else to look.
+    others = "\n".join(f"    also: {_problem_text(problem, locate)}" for problem in problems[1:6])
+    if len(problems) > 6:
+        others += f"\n    ... and {len(problems) - 6} more"
+    detail = others or None
     prefix = "".join(f"{part}: " for part in at.where)
     if first["type"] == "extra_forbidden":
-        allowed = ", ".join(sorted(info.alias or name for name, info in at.model.model_fields.items()))
+        names = sorted(info.alias or name for name, info in at.model.model_fields.items())
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
         return RulesetError(
             f"{prefix}unknown field {at.field or '<root>'!r}{more}",
             source=source,
             rule=at.rule,
             found=repr(loc[-1]),
-            expected=f"one of: {allowed}",
-            fix="remove the field or correct its spelling",
+            expected=f"one of: {', '.join(names)}",
+            fix=f"correct its spelling (did you mean {close[0]!r}?)"
+            if close
+            else "remove the field or correct its spelling",
             code="schema",
+            detail=detail,
         )
     if first["type"] == "missing":
         return RulesetError(
@@ -314,12 +324,18 @@ def explain_validation(
             rule=at.rule,
             fix=f"add {loc[-1]!r} (see {doc})",
             code="schema",
+            detail=detail,
         )
     message = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "value_error" and at.field is None:
         # A model's own check (several fields together), not one field's value.
         return RulesetError(
-            f"{prefix}{message}{more}", source=source, rule=at.rule, fix=f"see {doc}", code="schema"
+            f"{prefix}{message}{more}",
+            source=source,
+            rule=at.rule,
+            fix=f"see {doc}",
+            code="schema",
+            detail=detail,
         )
     return RulesetError(
         f"{prefix}invalid value for {at.field or 'the file'!r}: {message}{more}",
@@ -328,7 +344,19 @@ def explain_validation(
         found=short(first.get("input")),
         fix=f"see {doc} for the allowed forms",
         code="schema",
+        detail=detail,
     )
+
+
+def _problem_text(problem: Any, locate: Callable[[tuple[Any, ...]], Located]) -> str:
+    """One more problem of a validation, in a few words: where, and what."""
+    at = locate(tuple(problem["loc"]))
+    where = ": ".join([*at.where, *([f"rule {at.rule!r}"] if at.rule else [])])
+    what = {"extra_forbidden": "unknown field", "missing": "missing field"}.get(
+        problem["type"], str(problem["msg"]).removeprefix("Value error, ")
+    )
+    field = f" {at.field!r}" if at.field else ""
+    return f"{where + ': ' if where else ''}{what}{field}"
 
 
 def _locate(data: dict[str, Any]) -> Callable[[tuple[Any, ...]], Located]:

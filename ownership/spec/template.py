@@ -32,8 +32,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import regex as _regex
-
 from ownership import limits
 from ownership.errors import RulesetError
 
@@ -371,8 +369,8 @@ def compile_raw_regex(pattern: str, *, rule: str | None = None, source: str | No
             fix="shorten the regex or split the rule",
         )
     try:
-        compiled = _regex.compile(pattern)
-    except _regex.error as error:
+        compiled = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as error:
         pos: int = getattr(error, "pos", None) or 0
         raise _error(
             str(getattr(error, "msg", error)),

@@ -30,9 +30,11 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from ownership.errors import MeshError
+from ownership.formats.detect import open_checkpoint
 from ownership.loading.loader import LoadResult, load
 from ownership.placement.mesh import Mesh, MeshLike, to_mesh
-from ownership.ruleset import Ruleset, load_ruleset
+from ownership.ruleset import RulesetLike, detect_ruleset, load_ruleset
+from ownership.spec.params import merge_configs
 from ownership.torch_distributed.dtensor import ShardSpec, shard_specs, to_dtensors
 from ownership.torch_distributed.mesh import checked_mesh, mesh_from_device_mesh, require_process_group
 from ownership.torch_distributed.verify import failed_summary, integrity_error, summarize, verify_summaries
@@ -50,14 +52,14 @@ class DistributedResult(LoadResult):
 
 
 def load_distributed(
-    ruleset: Ruleset | str | os.PathLike[str],
+    ruleset: RulesetLike,
     checkpoint: str | os.PathLike[str],
     *,
     mesh: MeshLike | DeviceMesh,
     params: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     verify: bool = True,
     group: dist.ProcessGroup | None = None,
     as_dtensor: bool = False,
@@ -109,6 +111,9 @@ def load_distributed(
     assert not isinstance(mesh, DeviceMesh)
     mesh = checked_mesh(to_mesh(mesh), dist.get_world_size(group), "the process group")
     rank = dist.get_rank(group)
+    if isinstance(ruleset, str) and ruleset == "auto":
+        with open_checkpoint(checkpoint) as opened:
+            ruleset = detect_ruleset(merge_configs(opened.config, config), source=str(checkpoint))
     ruleset = load_ruleset(ruleset)
     if as_dtensor:
         if device_mesh is None:

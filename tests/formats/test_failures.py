@@ -44,7 +44,10 @@ def raw_safetensors(path: Path, header: object, data: bytes = b"") -> Path:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         open_checkpoint(tmp_path / "nope")
-    assert str(info.value) == f"{tmp_path / 'nope'}: no such file or folder. Fix: check the path"
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'nope'}: no such checkpoint: found no file or folder there. Fix: check the path"
+    )
 
 
 _LOOKED_FOR = (

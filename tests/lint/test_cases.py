@@ -190,7 +190,8 @@ def test_case_file_for_another_ruleset_is_an_error(vllm: Ruleset) -> None:
             CASE.format(rule="r", owners="[2]").replace("owners =", "owner ="),
             f"c.toml: case 'uneven linear': expect key {KEY!r}: unknown field 'owner' (and 1 more problems): "
             "found 'owner', expected one of: key, local_key, owners, rule, selection, shape. "
-            "Fix: remove the field or correct its spelling",
+            "Fix: correct its spelling (did you mean 'owners'?)\n"
+            f"    also: case 'uneven linear': expect key {KEY!r}: missing field 'owners'",
         ),
         (
             '[[case]]\nname = "x"\nok = ["a"]\n',

@@ -81,13 +81,16 @@ CASES = [
             + EXPERT
             + EXPERT.replace("**.experts", "**.mlp.experts").replace('"expert"\nmatch', '"e2"\nmatch')
         ),
-        "error duplicate-rule-id: rule 'expert': duplicate rule id 'expert'. Fix: rename one of the rules",
+        "error duplicate-rule-id: rule 'expert': duplicate rule id 'expert' (found rule #2 reuses it, expecte"
+        "d unique rule ids). Fix: rename one of the rules",
     ),
     (
         "schema",
         dict(text=HEAD + EXPERT.replace("place =", "placee =")),
         dict(text=HEAD + EXPERT),
-        "error schema: rule 'expert': unknown field 'placee'. Fix: remove the field or correct its spelling",
+        "error schema: rule 'expert': unknown field 'placee' (found 'placee', expected one of: doc, drop, id,"
+        " layout, match, optional, overrides, pin, place, regex, rename, sizes, variant, when). Fix: correct "
+        "its spelling (did you mean 'place'?)",
     ),
     (
         "missing-param",
@@ -131,9 +134,10 @@ CASES = [
         "limit",
         dict(text=HEAD + EXPERT, num_experts=10**12),
         dict(text=HEAD + EXPERT, num_experts=4),
-        "error limit: rule 'expert': the size of index 'expert' is over the limit. Fix: check the param behind the "
-        "size of 'expert' against the model's config; if it is right, raise ownership.limits.MAX_INDEX_SIZE "
-        "(docs/limits.md)",
+        "error limit: rule 'expert': the size of index 'expert' is over the limit (found num_experts=10000000"
+        "00000 ids, expected at most 1,048,576 (MAX_INDEX_SIZE)). Fix: check the param behind the size of 'ex"
+        "pert' against the model's config; if it is right, raise ownership.limits.MAX_INDEX_SIZE (docs/limits"
+        ".md)",
     ),
     (
         "index-out-of-range",
@@ -171,8 +175,10 @@ CASES = [
             'place = { in = { over = "tp", strategy = "shard" } }\n',
             keys=[("m.lora_A.weight", "F32", [4, 8])],
         ),
-        "error shape-needed: rule 'a': key 'm.lora_A.weight': this rule selects part of the tensor and needs its "
-        "shape (expected a shape). Fix: pass shape= (or --shape 24,32), or plan from a checkpoint whose headers give it",
+        "error shape-needed: rule 'a': key 'm.lora_A.weight': this rule selects part of the tensor and needs "
+        "its shape (expected a shape). Fix: give the tensor's shape: plan or lint a checkpoint (its headers h"
+        "ave it) or a key list with shapes (key<TAB>dtype<TAB>[d0,d1]), pass shape= in Python, or --shape to "
+        "`ownership explain`",
     ),
     (
         "shard-does-not-divide",
@@ -310,7 +316,7 @@ def test_variant_absent_and_byte_balance_are_notes(fixtures: Path) -> None:
         "this checkpoint uses per-expert"
     )
     assert notes["byte-balance"].startswith(
-        "info byte-balance: bytes per rank: max 19136 on rank 0, mean 16448"
+        "info byte-balance: bytes per rank: max 18.7 KiB on rank 0, mean 16.1 KiB"
     )
 
 
@@ -421,7 +427,7 @@ def test_sarif_points_at_the_rule_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_exit_status_two_on_unusable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lint", "vllm-ep-lora", str(tmp_path / "missing"), "--mesh", "ep=2"]) == 2
-    assert "no such file or folder" in capsys.readouterr().err
+    assert "no such checkpoint: found no file or folder there" in capsys.readouterr().err
     assert main(["lint", "vllm-ep-lora", "--mesh", "ep=two"]) == 2
 
 

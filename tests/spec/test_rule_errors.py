@@ -22,7 +22,8 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
     assert error.code == "schema"
     assert str(error) == (
         "bad.toml: rule 'routed': unknown field 'placee': found 'placee', expected one of: doc, drop, id, layout, "
-        "match, optional, overrides, pin, place, regex, rename, sizes, variant, when. Fix: remove the field or correct its spelling"
+        "match, optional, overrides, pin, place, regex, rename, sizes, variant, when. Fix: correct its spelling (did you "
+        "mean 'place'?)"
     )
 
 
@@ -30,7 +31,7 @@ def test_unknown_placement_field() -> None:
     error = error_of(HEAD + GOOD_MATCH + PLACE.replace("size", "sise"))
     assert str(error) == (
         "bad.toml: rule 'routed': unknown field 'place.expert.sise': found 'sise', expected one of: heads, over, "
-        "parts, size, sizes, strategy, table, uneven. Fix: remove the field or correct its spelling"
+        "parts, size, sizes, strategy, table, uneven. Fix: correct its spelling (did you mean 'size'?)"
     )
 
 

@@ -372,7 +372,7 @@ def test_a_rank_that_cannot_load_fails_every_rank(spawned: Path) -> None:
     tmp_path = spawned / "failing"
     messages = {rank: (tmp_path / f"rank{rank}.txt").read_text() for rank in range(NUM_RANKS)}
     assert messages[2].startswith("CheckpointError: ")
-    assert "no-such-adapter: no such file or folder" in messages[2]
+    assert "no-such-adapter: no such checkpoint" in messages[2]
     for rank in (0, 1, 3):
         assert messages[rank].startswith(
             "IntegrityError: ruleset 'vllm-ep-lora' on mesh ep=4: the ranks' loads do not make up the "
