@@ -423,11 +423,11 @@ def _rules_list(args: argparse.Namespace) -> int:
         print_json(rows)
         return 0
     print_table(
-        ["name", "extends", "axes", "families (model_type)", "summary"],
+        ["name", "extends", "axes", "model types", "summary"],
         [
             [
                 r["name"],
-                " < ".join(r["extends"]),
+                ", ".join(r["extends"][:1]),
                 ",".join(r["axes"]),
                 ", ".join(r["families"]) or "any",
                 r["summary"],

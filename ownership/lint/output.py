@@ -60,13 +60,25 @@ def rule_lines(path: str) -> dict[str, int]:
     return lines
 
 
+def _uri(report: LintReport) -> str:
+    """Where SARIF points: the rule file relative to the working folder where it lies below it (as CI systems
+    resolve paths against the checkout), else as a file URI; a ruleset given as text keeps its label."""
+    if report.rule_file is None:
+        return report.source
+    path = Path(report.rule_file).resolve()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.as_uri()
+
+
 def to_sarif(report: LintReport, *, rule_lines: dict[str, int] | None = None) -> dict[str, Any]:
     """A SARIF 2.1.0 log with one run; each finding points at its rule's line in the rule file."""
     lines = rule_lines or {}
     used = sorted({f.check for f in report.findings})
     results = []
     for finding in report.findings:
-        location: dict[str, Any] = {"artifactLocation": {"uri": report.source}}
+        location: dict[str, Any] = {"artifactLocation": {"uri": _uri(report)}}
         line = lines.get(finding.rule or "")
         if line is not None:
             location["region"] = {"startLine": line}

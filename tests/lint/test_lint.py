@@ -420,9 +420,17 @@ def test_sarif_points_at_the_rule_line(tmp_path: Path, capsys: pytest.CaptureFix
     result = next(r for r in sarif["runs"][0]["results"] if r["ruleId"] == "dead-rule")
     assert result["level"] == "error"
     location = result["locations"][0]["physicalLocation"]
-    assert location["artifactLocation"]["uri"] == str(rules)
+    assert location["artifactLocation"]["uri"] == rules.as_uri()  # outside the working folder
     assert location["region"]["startLine"] == 11
     assert "dead-rule" in {r["id"] for r in sarif["runs"][0]["tool"]["driver"]["rules"]}
+
+
+def test_sarif_of_a_builtin_points_at_its_file(capsys: pytest.CaptureFixture[str]) -> None:
+    """before: the built-in's label, `vllm-ep-lora.toml (built-in)`, which is no path."""
+    keys = [k.replace("experts.1.", "experts.9.") for k in KEYS]
+    report = lint("vllm-ep-lora", keys, mesh="ep=2", params={"num_experts": 4})
+    location = to_sarif(report)["runs"][0]["results"][0]["locations"][0]["physicalLocation"]
+    assert location["artifactLocation"]["uri"] == "rules/vllm-ep-lora.toml"
 
 
 def test_exit_status_two_on_unusable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
