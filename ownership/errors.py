@@ -20,7 +20,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "OutputError",
     "OwnershipError",
     "RulesetError",
+    "did_you_mean",
+    "one_of",
     "short",
 ]
 
@@ -145,3 +148,46 @@ def short(value: Any, *, limit: int = 80) -> str:
     """
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> list[str]:
+    """The choices a user most likely meant by `word`: those equal but for case, else those one edit away
+    (a letter changed, added, dropped, or two swapped), else difflib's closest; in the order given.
+
+    Example:
+        >>> did_you_mean("pt", ["pp", "tp", "ep"]), did_you_mean("EP", ["pp", "ep"]), did_you_mean("x", ["ep"])
+        (['pp', 'tp'], ['ep'], [])
+    """
+    options = list(dict.fromkeys(choices))
+    same_case = [c for c in options if c.lower() == word.lower()]
+    if same_case:
+        return same_case
+    near = [c for c in options if _one_edit(word, c)]
+    return near or difflib.get_close_matches(word, options, n=1)
+
+
+def one_of(names: Sequence[str]) -> str:
+    """`'a'`, `'a' or 'b'`, `'a', 'b' or 'c'`: the names a did-you-mean offers.
+
+    Example:
+        >>> one_of(["pp", "tp"])
+        "'pp' or 'tp'"
+    """
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether `b` is `a` with one letter changed, added or dropped, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+        )
+    shorter, longer = (a, b) if len(a) < len(b) else (b, a)
+    return any(longer[:i] + longer[i + 1 :] == shorter for i in range(len(longer)))

@@ -29,14 +29,23 @@ from ownership.placement.decision import DEFAULT_RULE, Decision
 from ownership.placement.mesh import Mesh, MeshLike, to_mesh
 from ownership.spec.builtin import RuleSource, builtin_for_family, rule_source
 from ownership.spec.extends import resolve_spec
-from ownership.spec.params import resolve_params
+from ownership.spec.params import config_sections, resolve_params
 from ownership.spec.program import Program, analyze, param_users
 from ownership.spec.schema import RulesetSpec, load_ruleset_spec, parse_ruleset
 
 if TYPE_CHECKING:
     from ownership.loading.plan import MeshPlan, Plan
 
-__all__ = ["Explanation", "Ruleset", "RulesetLike", "detect_ruleset", "load_ruleset", "resolve_ruleset"]
+__all__ = [
+    "Explanation",
+    "Ruleset",
+    "RulesetLike",
+    "detect_ruleset",
+    "family_ruleset",
+    "load_ruleset",
+    "model_type_of",
+    "resolve_ruleset",
+]
 
 
 @dataclass(frozen=True)
@@ -243,6 +252,35 @@ def resolve_ruleset(
     if isinstance(ruleset, str) and ruleset == "auto":
         return detect_ruleset(config, source=source)
     return load_ruleset(ruleset)
+
+
+def model_type_of(config: Mapping[str, Any] | None) -> str | None:
+    """A config's `model_type`: the top level's (a multimodal wrapper's), else its text section's."""
+    for section in reversed(config_sections(config or {})):
+        model_type = section.get("model_type")
+        if isinstance(model_type, str):
+            return model_type
+    return None
+
+
+def family_ruleset(ruleset: Ruleset, config: Mapping[str, Any] | None) -> str | None:
+    """The built-in that serves `config`'s `model_type` when `ruleset`, a built-in made for other families, does
+    not (`transformers-moe` named for a GPT-OSS checkpoint: `gpt-oss`); None when it fits, is a file of the
+    user's own, or is made for any family.
+
+    Example:
+        >>> family_ruleset(load_ruleset("transformers-moe"), {"model_type": "gpt_oss"})
+        'gpt-oss'
+        >>> family_ruleset(load_ruleset("gpt-oss"), {"model_type": "gpt_oss"}) is None
+        True
+    """
+    model_type = model_type_of(config)
+    if ruleset.origin.builtin is None or not ruleset.spec.families or model_type is None:
+        return None
+    if model_type in ruleset.spec.families:
+        return None
+    right = builtin_for_family(model_type)
+    return right if right is not None and right != ruleset.name else None
 
 
 def detect_ruleset(config: Mapping[str, Any] | None, *, source: str = "the checkpoint") -> Ruleset:

@@ -42,6 +42,8 @@ PUBLIC = {
         "OutputError",
         "OwnershipError",
         "RulesetError",
+        "did_you_mean",
+        "one_of",
         "short",
     ],
     "ownership.spec": [
@@ -91,7 +93,9 @@ PUBLIC = {
         "Ruleset",
         "RulesetLike",
         "detect_ruleset",
+        "family_ruleset",
         "load_ruleset",
+        "model_type_of",
         "resolve_ruleset",
     ],
     "ownership.formats": [

@@ -35,10 +35,17 @@ from ownership.errors import OutputError, OwnershipError, RulesetError
 from ownership.formats.base import Checkpoint
 from ownership.formats.detect import CHECKPOINT_SUFFIXES, open_checkpoint, read_json_object
 from ownership.formats.dtypes import as_torch_dtype
-from ownership.loading.entries import KeyEntry, check_shape, read_keys_path
+from ownership.loading.entries import KeyEntry, check_shape, keys_config, read_keys_path
 from ownership.loading.plan import MeshPlan, Plan, plan
 from ownership.placement.mesh import to_mesh
-from ownership.ruleset import Ruleset, detect_ruleset, load_ruleset, resolve_ruleset
+from ownership.ruleset import (
+    Ruleset,
+    detect_ruleset,
+    family_ruleset,
+    load_ruleset,
+    model_type_of,
+    resolve_ruleset,
+)
 from ownership.spec.builtin import builtin_names, rule_source
 from ownership.spec.params import coerce_param, merge_configs
 from ownership.spec.schema import load_ruleset_spec, ruleset_json_schema
@@ -94,10 +101,13 @@ def _terminated_as_exception() -> Iterator[None]:
 
 _RULESET_HELP = (
     "built-in ruleset name, a model_type, a rule file path, or `auto` (from the checkpoint's config.json); "
-    "may be left out when a checkpoint is given"
+    "may be left out when a checkpoint or --keys is given (then `auto`)"
 )
 _CONFIG_HELP = "the base model's config.json, for params and model_type (adapters carry none)"
-_KEYS_HELP = "key list: one key a line, optionally key<TAB>dtype<TAB>[shape]"
+_KEYS_HELP = (
+    "key list: one key a line, optionally key<TAB>dtype<TAB>[shape]; or a model.safetensors.index.json (its "
+    "key names, with the config.json beside it), to plan before the shards are downloaded"
+)
 
 
 _EXAMPLES = {
@@ -114,6 +124,7 @@ _EXAMPLES = {
   ownership load vllm-ep-lora path/to/adapter --mesh ep=8 --rank 3 --param num_experts=128 --out r3.safetensors""",
     "lint": """examples:
   ownership lint path/to/model --mesh pp=2,ep=4,tp=2
+  ownership lint --keys path/to/model.safetensors.index.json --mesh ep=8   # before the shards are downloaded
   ownership lint rules/my-moe.toml path/to/adapter --config path/to/base/config.json --mesh ep=8 --format sarif""",
     "test": """examples:
   ownership test vllm-ep-lora
@@ -164,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.set_defaults(handler=_explain)
 
     plan_ = _subcommand(commands, "plan", "what each rank owns of a checkpoint or key list")
-    plan_.add_argument("ruleset", help=_RULESET_HELP)
+    plan_.add_argument("ruleset", nargs="?", default="auto", help=_RULESET_HELP)
     plan_.add_argument("checkpoint", nargs="?", help="checkpoint file or folder")
     plan_.add_argument("--keys", type=Path, help=_KEYS_HELP)
     which = plan_.add_mutually_exclusive_group(required=True)
@@ -195,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     load.set_defaults(handler=_load)
 
     lint = _subcommand(commands, "lint", "prove a ruleset against a checkpoint and a mesh (exit 1 on errors)")
-    lint.add_argument("ruleset", help=_RULESET_HELP)
+    lint.add_argument("ruleset", nargs="?", default="auto", help=_RULESET_HELP)
     lint.add_argument("checkpoint", nargs="?", help="checkpoint file or folder (headers only are read)")
     lint.add_argument("--keys", type=Path, help=_KEYS_HELP)
     _common(lint, formats=("text", "json", "sarif"))
@@ -240,6 +251,11 @@ def _common(parser: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("tab
         help="a ruleset param (repeatable), e.g. num_experts=128; JSON values allowed",
     )
     parser.add_argument("--config", type=Path, help=_CONFIG_HELP)
+    parser.add_argument(
+        "--force-config",
+        action="store_true",
+        help="use --config even when its model_type is not the checkpoint's own",
+    )
     parser.add_argument(
         "--format",
         choices=formats,
@@ -294,7 +310,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.checkpoint is not None:
         # Its config gives params (and `auto` its ruleset), its header the key's shape.
         with open_checkpoint(_existing_checkpoint(args.checkpoint)) as checkpoint:
-            config = merge_configs(checkpoint.config, config)
+            config = merge_configs(checkpoint.config, config, force=args.force_config)
             if shape is None:
                 shape = checkpoint.entry(args.key).shape
     ruleset = resolve_ruleset(args.ruleset, config, source=args.checkpoint or "the checkpoint")
@@ -319,6 +335,7 @@ class _Inputs:
     """How the output names the source: the checkpoint's path or the key list's."""
     params: dict[str, Any]
     config: dict[str, Any] | None
+    force_config: bool = False
 
 
 @contextmanager
@@ -343,12 +360,24 @@ def _inputs(args: argparse.Namespace, *, mmap: bool = True) -> Iterator[_Inputs]
             source, name = read_keys_path(keys), str(keys)
         elif args.checkpoint is not None:
             source, name = stack.enter_context(open_checkpoint(args.checkpoint, mmap=mmap)), args.checkpoint
+        own = source.config if isinstance(source, Checkpoint) else keys_config(keys) if keys else None
+        merged = merge_configs(own, config, force=args.force_config)
         if args.ruleset == "auto":
-            own = source.config if isinstance(source, Checkpoint) else None
-            ruleset = detect_ruleset(merge_configs(own, config), source=args.checkpoint or "the checkpoint")
+            ruleset = detect_ruleset(merged, source=args.checkpoint or "the checkpoint")
         else:
             ruleset = load_ruleset(args.ruleset)
-        yield _Inputs(ruleset, source, name, parse_params(args.param), config)
+            right = family_ruleset(ruleset, merged)
+            if right is not None and args.handler is not _lint:  # lint reports it as a finding
+                print(
+                    f"warning: ruleset {ruleset.name!r} is not made for model_type {model_type_of(merged)!r}; the "
+                    f"built-in for it is {right!r} (or `auto`)",
+                    file=sys.stderr,
+                )
+        if keys is not None:
+            config = (
+                merged  # a key list has no config of its own to lay --config over but the one beside an index
+            )
+        yield _Inputs(ruleset, source, name, parse_params(args.param), config, args.force_config)
 
 
 def _is_checkpoint(text: str) -> bool:
@@ -379,13 +408,16 @@ def _plan(args: argparse.Namespace) -> int:
             rank=None if args.all_ranks else args.rank,
             params=given.params,
             config=given.config,
+            force_config=given.force_config,
         )
     if args.format == "json":
         print_json(_plan_json(result, given.ruleset, mesh=args.mesh))
     elif isinstance(result, MeshPlan):
         own = given.source.config if isinstance(given.source, Checkpoint) else None
         bound = given.ruleset.bind(
-            mesh=args.mesh, params=given.params, config=merge_configs(own, given.config)
+            mesh=args.mesh,
+            params=given.params,
+            config=merge_configs(own, given.config, force=given.force_config),
         )
         print_mesh_plan(result, given.name, bound=bound)
     else:
@@ -495,6 +527,7 @@ def _load(args: argparse.Namespace) -> int:
             params=given.params,
             config=given.config,
             dtype=dtype,
+            force_config=given.force_config,
         )
         shapes = {entry.key: entry.shape for entry, _ in result.plan.owned_entries()}
         pieces = [(d, shapes[d.key] or (), result.tensors[d.local_key or d.key]) for d in result.plan.owned]
@@ -533,7 +566,14 @@ def _lint(args: argparse.Namespace) -> int:
     from ownership.lint.output import rule_lines
 
     with _inputs(args) as given:
-        report = lint(given.ruleset, given.source, mesh=args.mesh, params=given.params, config=given.config)
+        report = lint(
+            given.ruleset,
+            given.source,
+            mesh=args.mesh,
+            params=given.params,
+            config=given.config,
+            force_config=given.force_config,
+        )
     if args.format == "json":
         print_json(to_json(report))
     elif args.format == "sarif":

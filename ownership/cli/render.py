@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ownership.compile.bind import BoundRuleset
 from ownership.loading.entries import EntryLike, entry_nbytes
-from ownership.loading.plan import MeshPlan, Plan
+from ownership.loading.plan import MeshPlan, Padding, Plan
 from ownership.placement.decision import DEFAULT_RULE, Decision
 from ownership.placement.selection import runs_from_indices, selection_text
 from ownership.ruleset import Explanation
@@ -152,6 +152,17 @@ def print_rank_plan(plan: Plan, name: str, *, wide: bool = False) -> None:
             f"bytes owned {human_bytes(plan.bytes_owned)} of {human_bytes(total)} "
             f"({100 * plan.bytes_owned / total:.1f}%)"
         )
+    print_padding(plan.padding)
+
+
+def print_padding(padding: Sequence[Padding], *, rank: int | None = None) -> None:
+    """A line per padded tensor: the rows read and the padding vLLM adds."""
+    where = "" if rank is None else f" on rank {rank}"
+    for pad in padding:
+        print(
+            f"padded{where}: {pad.key} dim {pad.dim}: reads {pad.rows:,} rows of {pad.padded_rows:,} "
+            f"({pad.padded_rows - pad.rows:,} rows of padding, as vLLM pads the vocab)"
+        )
 
 
 def _owned_row(entry: EntryLike, decision: Decision) -> list[str]:
@@ -195,6 +206,8 @@ def print_mesh_plan(plan: MeshPlan, name: str, *, bound: BoundRuleset | None = N
             f"checkpoint {human_bytes(total)}; all ranks load {human_bytes(loaded)} "
             f"({loaded / total:.2f}x the checkpoint)"
         )
+    for rank_plan in plan.ranks:
+        print_padding(rank_plan.padding, rank=rank_plan.rank)
 
 
 def expert_ids(plan: Plan, bound: BoundRuleset | None) -> list[int]:

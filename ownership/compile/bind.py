@@ -39,12 +39,13 @@ from typing import Any
 from ownership import limits
 from ownership.compile.owners import Owner, key_owners
 from ownership.compile.rank import RankRules
-from ownership.errors import DecisionError, RulesetError, short
+from ownership.errors import DecisionError, MeshError, RulesetError, did_you_mean, one_of, short
 from ownership.placement.decision import DEFAULT_RULE, Decision
-from ownership.placement.mesh import Mesh
+from ownership.placement.mesh import REPLICATION_AXES, Mesh
 from ownership.placement.selection import DimSelection, Run, Selection, normalize_selection, runs_from_indices
-from ownership.placement.strategy import Part, Shard, Strategy, make_strategy
-from ownership.spec.params import evaluate_size
+from ownership.placement.strategy import Layers, Part, Shard, Strategy, make_strategy
+from ownership.spec.layout import Layout
+from ownership.spec.params import evaluate_size, known_size
 from ownership.spec.program import AnalyzedRule, Match, Program
 from ownership.spec.schema import STRATEGIES, PlacementSpec
 
@@ -84,7 +85,15 @@ class DimPlacement:
 class BoundRule:
     """One rule with params and mesh resolved."""
 
-    def __init__(self, rule: AnalyzedRule, *, mesh: Mesh, params: Mapping[str, Any], source: str) -> None:
+    def __init__(
+        self,
+        rule: AnalyzedRule,
+        *,
+        mesh: Mesh,
+        params: Mapping[str, Any],
+        source: str,
+        model_dims: Mapping[str, tuple[int, str]] | None = None,
+    ) -> None:
         self.rule = rule
         self.id = rule.id
         self.mesh = mesh
@@ -106,14 +115,30 @@ class BoundRule:
             )
             for axis, pinned in rule.spec.pin.items()
         }
-        self.known_sizes = {
-            name: evaluate_size(ref, params, rule=self.id, source=source)
-            for name, ref in rule.spec.sizes.items()
-        }
+        self.known_sizes: dict[str, int] = {}
+        self.size_origins: dict[str, str] = {}
+        """The model size (a param such as `hidden_size`) behind a known size, for the error when a tensor does
+        not fit it."""
+        for name, ref in rule.spec.sizes.items():
+            size = known_size(ref, params, rule=self.id, source=source)
+            if size is not None:
+                self.known_sizes[name] = size
+                if isinstance(ref, str):
+                    self.size_origins[name] = ref
         for dim in self.dims:
             if dim.spec.size is not None:
                 self.known_sizes[dim.name] = evaluate_size(dim.spec.size, params, rule=self.id, source=source)
+        names = {name for layout in rule.layouts for name in layout.names}
+        for name, (size, origin) in (model_dims or {}).items():
+            if name in names and name not in self.known_sizes:
+                self.known_sizes[name] = size
+                self.size_origins[name] = origin
+        # Axes of size 1 cut nothing: a tensor whose rule places dims only on them is whole, shape or not.
+        self.cuts = any(mesh.size(dim.axis) > 1 for dim in self.dims)
+        self.pads = any(dim.spec.pad is not None and mesh.size(dim.axis) > 1 for dim in self.dims)
+        """Whether a dim is padded (the vocab), for the plan's padding report."""
         self._selection_cache: dict[tuple[tuple[int, ...], tuple[int, ...]], Selection] = {}
+        self._layout_cache: dict[tuple[int, ...], tuple[Layout, tuple[tuple[int, ...], ...]]] = {}
 
     def _strategy_name(self, placement: PlacementSpec, index: str) -> str:
         name = placement.strategy
@@ -162,7 +187,18 @@ class BoundRule:
                 rule=self.id,
                 fix=f"check the param behind the size of {name!r} against the model's config",
             )
-        sizes = self._stage_sizes(placement, num_ids, num_coords) if strategy_name == "layers" else None
+        sizes = None
+        if strategy_name == "layers":
+            sizes = self._stage_sizes(placement, num_ids, num_coords)
+            extra = 0
+            if placement.extra is not None:
+                extra = known_size(placement.extra, self.params, rule=self.id, source=self.source) or 0
+            if extra:
+                # The MTP layers run on the last stage only, whatever the split of the others.
+                sizes = list(sizes or Layers(num_ids, num_coords).stage_sizes())
+                sizes[-1] += extra
+                size_text = f"{size_text} + {placement.extra}={extra}"
+                num_ids += extra
         if table is not None:
             for coord, ids in enumerate(table):
                 bad = [g for g in ids if not 0 <= g < num_ids]
@@ -292,11 +328,12 @@ class BoundRule:
 
     def selection(self, shape: tuple[int, ...] | None, dim_coords: tuple[int, ...], key: str) -> Selection:
         """The selection for a tensor of `shape` on the given coordinates of the dim placements' axes."""
-        if not self.dims:
+        if not self.dims or (shape is None and not self.cuts):
             return None
         if shape is None:
+            axes = sorted({dim.axis for dim in self.dims if self.mesh.size(dim.axis) > 1})
             raise DecisionError(
-                "this rule selects part of the tensor and needs its shape",
+                f"this rule cuts the tensor over {', '.join(axes)} and needs its shape",
                 source=self.source,
                 key=key,
                 rule=self.id,
@@ -313,11 +350,81 @@ class BoundRule:
         self._selection_cache[cache_key] = selection
         return selection
 
+    def resolve(self, shape: tuple[int, ...], key: str) -> tuple[Layout, tuple[tuple[int, ...], ...]]:
+        """The layout this tensor is stored in and its factor sizes: of the rule's orientations, the one the
+        shape and the model's sizes fit. None fitting, or several that would cut it differently, is a
+        `DecisionError` naming the key."""
+        cached = self._layout_cache.get(shape)
+        if cached is not None:
+            return cached
+        fits: list[tuple[Layout, tuple[tuple[int, ...], ...]]] = []
+        first_error: DecisionError | None = None
+        for layout in self.rule.layouts:
+            try:
+                sizes = layout.resolve(
+                    shape,
+                    known=self.known_sizes,
+                    key=key,
+                    rule=self.id,
+                    source=self.source,
+                    origins=self.size_origins,
+                )
+            except DecisionError as error:
+                first_error = first_error or error
+                continue
+            fits.append((layout, sizes))
+        if not fits:
+            assert first_error is not None
+            if len(self.rule.layouts) > 1:
+                raise DecisionError(
+                    f"the tensor fits none of the rule's layouts {[layout.source for layout in self.rule.layouts]}",
+                    source=self.source,
+                    key=key,
+                    rule=self.id,
+                    found=f"shape {list(shape)}",
+                    expected=" or ".join(self._describe(layout) for layout in self.rule.layouts),
+                    fix="check the model's sizes (config.json) against the checkpoint, or the rule's layouts",
+                    code="layout-mismatch",
+                ) from None
+            raise first_error
+        if len({self._cut_signature(layout, sizes) for layout, sizes in fits}) > 1:
+            moved = [
+                name
+                for name in fits[0][0].names
+                if name not in self.known_sizes and len({layout.where(name) for layout, _ in fits}) > 1
+            ]
+            raise DecisionError(
+                f"the tensor fits several of the rule's layouts, which cut it differently: "
+                f"{', '.join(repr(layout.source) for layout, _ in fits)}",
+                source=self.source,
+                key=key,
+                rule=self.id,
+                found=f"shape {list(shape)}",
+                expected="one layout that the shape and the model's sizes fit",
+                fix=f"give the rule the model's size of {' or '.join(moved)} (in `sizes` or the ruleset's "
+                "[dims], from a param the model's config.json has) so the shape tells the orientations apart",
+                code="layout-ambiguous",
+            )
+        self._layout_cache[shape] = fits[0]
+        return fits[0]
+
+    def _describe(self, layout: Layout) -> str:
+        known = ", ".join(f"{n}={self.known_sizes[n]}" for n in layout.names if n in self.known_sizes)
+        return f"{layout.source!r}" + (f" with {known}" if known else "")
+
+    def _cut_signature(self, layout: Layout, sizes: tuple[tuple[int, ...], ...]) -> tuple[Any, ...]:
+        """Where the dims that are really cut sit, and the factor sizes of their dims: equal for two layouts
+        that select the same elements."""
+        out = []
+        for dim in self.dims:
+            if self.mesh.size(dim.axis) > 1:
+                d, f = layout.where(dim.name)
+                out.append((dim.name, d, f, sizes[d]))
+        return tuple(out)
+
     def dim_strategies(self, shape: tuple[int, ...], key: str) -> tuple[tuple[int, int, Strategy], ...]:
         """For each dim placement: (dim, factor position, strategy over its factor size)."""
-        layout = self.rule.layout
-        assert layout is not None
-        sizes = layout.resolve(shape, known=self.known_sizes, key=key, rule=self.id, source=self.source)
+        layout, sizes = self.resolve(shape, key)
         out = []
         for dim in self.dims:
             d, f = layout.where(dim.name)
@@ -335,6 +442,19 @@ class BoundRule:
                 )
             out.append((d, f, self._dim_strategy(dim, sizes[d][f], key)))
         return tuple(out)
+
+    def padding(
+        self, shape: tuple[int, ...], coords: Mapping[str, int], key: str
+    ) -> list[tuple[int, int, int]]:
+        """(dim, real rows, rows with padding) of each padded dim whose share on these coordinates is short of
+        the padded chunk: what vLLM allocates and fills with zeros past the real rows."""
+        out = []
+        for dim, (d, _, strategy) in zip(self.dims, self.dim_strategies(shape, key), strict=True):
+            if isinstance(strategy, Shard) and strategy.pad is not None:
+                rows = len(strategy.owned(coords.get(dim.axis, 0)))
+                if rows < strategy.chunk:
+                    out.append((d, rows, strategy.chunk))
+        return out
 
     def _dim_strategy(self, dim: DimPlacement, num_ids: int, key: str) -> Strategy:
         spec = dim.spec
@@ -370,6 +490,8 @@ class BoundRule:
             sizes=sizes,
             parts=parts,
             uneven=spec.uneven,
+            pad=spec.pad,
+            align=spec.align,
         )
         if isinstance(strategy, Shard):
             problem = strategy.problem()
@@ -389,9 +511,7 @@ class BoundRule:
         return strategy
 
     def _compute_selection(self, shape: tuple[int, ...], dim_coords: tuple[int, ...], key: str) -> Selection:
-        layout = self.rule.layout
-        assert layout is not None
-        sizes = layout.resolve(shape, known=self.known_sizes, key=key, rule=self.id, source=self.source)
+        _, sizes = self.resolve(shape, key)
         owned: dict[tuple[int, int], Sequence[int]] = {}
         for (d, f, strategy), coord in zip(self.dim_strategies(shape, key), dim_coords, strict=True):
             owned[(d, f)] = strategy.owned(coord)
@@ -423,6 +543,12 @@ class BoundRuleset:
     """A ruleset with params and mesh resolved: per-rank deciders and whole-mesh owners."""
 
     def __init__(self, program: Program, *, mesh: Mesh, params: Mapping[str, Any]) -> None:
+        _check_axes(program, mesh)
+        model_dims: dict[str, tuple[int, str]] = {}
+        for name, ref in program.spec.dims.items():
+            size = known_size(ref, params, rule=None, source=program.source)
+            if size is not None:
+                model_dims[name] = (size, str(ref))
         active = tuple(rule for rule in program.rules if rule_applies(rule, params))
         if len(active) != len(program.rules):
             program = program.subset(active)
@@ -431,9 +557,11 @@ class BoundRuleset:
         self.params = dict(params)
         self.default = program.spec.default
         self.rules = tuple(
-            BoundRule(rule, mesh=mesh, params=params, source=program.source) for rule in program.rules
+            BoundRule(rule, mesh=mesh, params=params, source=program.source, model_dims=model_dims)
+            for rule in program.rules
         )
         self.by_index = {rule.rule.index: rule for rule in self.rules}
+        self.by_id = {rule.id: rule for rule in self.rules}
         # The program's branch of each rule, to its bound rule: `classify` runs once per key of whole-mesh work.
         self._match = program.match
         self._by_group = {group: self.by_index[rule.index] for group, rule in program.by_group.items()}
@@ -466,6 +594,27 @@ class BoundRuleset:
             expected=f"a match for one of the rules {[r.id for r in self.rules]}",
             fix='add a rule for it, or set default = "replicate" or "drop" in the ruleset',
             code="unmatched-key",
+        )
+
+
+def _check_axes(program: Program, mesh: Mesh) -> None:
+    """Every axis of the mesh is one the ruleset places or a replication axis: a misspelt axis would otherwise be
+    an axis nothing is split over, and every rank would load everything."""
+    placed = program.spec.axes
+    for axis in mesh.names:
+        if axis in placed or axis in REPLICATION_AXES or axis in program.spec.replicated_axes:
+            continue
+        close = did_you_mean(axis, [a for a in placed if a not in mesh.names] or placed)
+        raise MeshError(
+            f"the mesh {mesh} has an axis {axis!r} that ruleset {program.spec.name!r} does not place",
+            source=program.source,
+            found=repr(axis),
+            expected=f"one of the ruleset's axes ({', '.join(placed)}) or a replication axis "
+            f"({', '.join([*program.spec.replicated_axes, *REPLICATION_AXES])})",
+            fix="correct the axis"
+            + (f" (did you mean {one_of(close)}?)" if close else "")
+            + ", or use a ruleset that places it (`ownership rules list` shows their axes)",
+            code="mesh-axis",
         )
 
 

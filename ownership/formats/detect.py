@@ -22,12 +22,11 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
 
-from ownership.errors import CheckpointError
+from ownership.errors import CheckpointError, did_you_mean, one_of
 from ownership.formats.base import TORCH_SUFFIXES, Checkpoint
 from ownership.formats.jsonfile import read_json_object
 from ownership.formats.safetensors_file import SafetensorsFile
@@ -117,8 +116,12 @@ def _did_you_mean(path: Path) -> str:
         near = [child.name for child in path.parent.iterdir()] if path.parent.is_dir() else []
     except OSError:
         near = []
-    close = difflib.get_close_matches(path.name, near, n=1)
-    return f"check the path (did you mean {str(path.parent / close[0])!r}?)" if close else "check the path"
+    close = did_you_mean(path.name, near)
+    return (
+        f"check the path (did you mean {one_of([str(path.parent / c) for c in close])}?)"
+        if close
+        else "check the path"
+    )
 
 
 def _base_model_config(adapter_config: dict[str, Any] | None, *, folder: Path) -> dict[str, Any] | None:

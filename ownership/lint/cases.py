@@ -29,14 +29,13 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ownership.compile.bind import BoundRuleset
 from ownership.compile.rank import RankRules
-from ownership.errors import OwnershipError, RulesetError
+from ownership.errors import OwnershipError, RulesetError, did_you_mean, one_of
 from ownership.lint.case_file import CaseFile, ExpectError, ExpectOwners
 from ownership.placement.decision import DEFAULT_RULE, Decision
 from ownership.placement.selection import (
@@ -189,8 +188,8 @@ def _check_names(ruleset: Ruleset, cases: CaseFile, rule_ids: list[str], source:
         named = [(e.key, e.rule) for e in case.expect] + [(e.key, e.rule) for e in case.error if e.rule]
         for key, rule in named:
             if rule not in known:
-                close = difflib.get_close_matches(rule, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                close = did_you_mean(rule, known)
+                hint = f" (did you mean {one_of(close)}?)" if close else ""
                 raise RulesetError(
                     f"case {case.name!r}: key {key!r}: rule {rule!r} is not a rule of {ruleset.name!r}",
                     source=source,

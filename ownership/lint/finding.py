@@ -45,7 +45,12 @@ CHECKS: dict[str, tuple[Level, str]] = {
     "unmatched-key": ("error", 'keys that no rule matches under default = "error"'),
     "index-out-of-range": ("error", "a captured index outside its size"),
     "layout-mismatch": ("error", "a tensor's shape does not fit the rule's layout"),
-    "shape-needed": ("error", "a rule with a layout met a key with no shape"),
+    "layout-ambiguous": (
+        "error",
+        "a tensor that fits several of a rule's orientations, which cut it differently (the model's sizes are "
+        "needed to tell them apart)",
+    ),
+    "shape-needed": ("error", "a rule that cuts a tensor met a key with no shape"),
     "bad-capture": ("error", "a placed capture that matched no digits"),
     "shard-does-not-divide": ("error", "a shard of a dim or factor that does not divide over its axis"),
     "integrity": ("error", "elements owned by no rank, or by several where nothing declares replication"),
@@ -57,6 +62,16 @@ CHECKS: dict[str, tuple[Level, str]] = {
         "`rank_pattern` value): the expert count folded with it, or the layout, is wrong",
     ),
     "byte-balance": ("info", "bytes owned per rank: max against mean"),
+    "byte-imbalance": ("warning", "the largest rank holds more than 1.25x the mean (its ideal share)"),
+    "silent-replication": (
+        "error",
+        "a tensor that carries an axis's index (an expert's weights under ep, the split dim of its siblings "
+        "under tp) kept whole on every coordinate of that axis",
+    ),
+    "mesh-axis": ("error", "a mesh axis that the ruleset neither places nor replicates along"),
+    "wrong-ruleset": ("warning", "a built-in ruleset named for a model_type another built-in serves"),
+    "empty-coordinate": ("warning", "an ep rank with no expert, or a pp stage with no layer"),
+    "expert-count": ("warning", "num_experts disagrees with the experts the checkpoint has"),
 }
 
 

@@ -6,7 +6,9 @@ per placed ids and shape), never from deciding rank after rank, and the same pas
 - rules: how many keys each decided (dead and shadowed rules, absent layout variants);
 - keys: unmatched keys, indices out of range, shapes that do not fit, shards that do not divide;
 - integrity: each placed id's owners along its axis, each placed dim's coverage over its axis;
-- local names per rank (only rules with a `rename` can collide), bytes per rank;
+- local names per rank (only rules with a `rename` can collide);
+- bytes per rank (`ownership.lint.balance`), tensors kept whole along an axis whose index they carry
+  (`ownership.lint.replication`), coordinates left without experts or layers (`ownership.lint.spread`);
 - LoRA pairs and ranks (`ownership.lint.lora`).
 
 Example:
@@ -32,14 +34,16 @@ from ownership.compile.bind import BoundRule, BoundRuleset
 from ownership.compile.owners import rule_owners
 from ownership.errors import DecisionError
 from ownership.gcpause import paused_gc
+from ownership.lint.balance import Balance
 from ownership.lint.finding import LintReport
 from ownership.lint.lora import LoraPairs, LoraRanks
+from ownership.lint.replication import Replication
+from ownership.lint.spread import Spread
 from ownership.loading.entries import EntryLike, entry_nbytes, selected_nbytes
 from ownership.placement.decision import DEFAULT_RULE
 from ownership.placement.selection import Selection
 from ownership.placement.strategy import Shard
 from ownership.spec.program import Match, compile_fullmatch
-from ownership.units import human_bytes
 
 __all__ = ["check_keys"]
 
@@ -50,14 +54,15 @@ _EXAMPLES = 3
 class _Pass:
     bound: BoundRuleset
     report: LintReport
+    balance: Balance
+    replication: Replication
     decided: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     unmatched: list[str] = field(default_factory=list)
     problems: dict[tuple[str, str | None, str], list[str]] = field(default_factory=lambda: defaultdict(list))
     problem_text: dict[tuple[str, str | None, str], DecisionError] = field(default_factory=dict)
     lost: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
     doubled: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
-    bytes_per_rank: list[int] = field(default_factory=list)
-    replicated_bytes: int = 0
+    spread: Spread = field(default_factory=Spread)
     local_names: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
     collisions: list[tuple[int, str, str, str]] = field(default_factory=list)
     pairs: LoraPairs = field(default_factory=LoraPairs)
@@ -81,7 +86,9 @@ def check_keys(
 
     `config` (adapter_config.json merged with config.json) gives the adapter's ranks for `lora-rank`.
     """
-    state = _Pass(bound=bound, report=report, bytes_per_rank=[0] * bound.mesh.num_ranks)
+    state = _Pass(
+        bound=bound, report=report, balance=Balance(bound.mesh.num_ranks), replication=Replication(bound)
+    )
     state.ranks = LoraRanks(config)
     with paused_gc():
         for entry in entries:
@@ -90,7 +97,9 @@ def check_keys(
     state.ranks.report(report)
     _report_keys(state)
     state.pairs.report(report)
-    _report_balance(state)
+    state.replication.report(report)
+    state.spread.report(report)
+    state.balance.report(report)
 
 
 def _visit(state: _Pass, entry: EntryLike) -> None:
@@ -101,7 +110,8 @@ def _visit(state: _Pass, entry: EntryLike) -> None:
         if bound.default == "error":
             state.unmatched.append(key)
         elif bound.default == "replicate":
-            state.replicated_bytes += entry_nbytes(entry) or 0
+            state.balance.note_everywhere(DEFAULT_RULE, entry_nbytes(entry) or 0)
+            state.replication.note(key, entry.shape, None)
             state.pairs.note(key, DEFAULT_RULE, entry.shape, dict.fromkeys(range(bound.mesh.num_ranks)))
         return
     rule, m = found
@@ -116,18 +126,20 @@ def _visit(state: _Pass, entry: EntryLike) -> None:
         state.problems[problem].append(key)
         state.problem_text.setdefault(problem, error)
         return
+    state.replication.note(key, entry.shape, rule)
     selections: dict[int, Selection] = {}
     captures = rule.rule.captures(m) if rule.rule.rename is not None else {}
-    bytes_per_rank = state.bytes_per_rank
+    rank_bytes: dict[int, int] = {}
     for rank, selection, nbytes, slots in owned:
         selections[rank] = selection
-        bytes_per_rank[rank] += nbytes
+        rank_bytes[rank] = nbytes
         if rule.rule.rename is not None:
             local = rule.local_key(key, captures, slots)
             other = state.local_names[rank].get(local)
             if other is not None:
                 state.collisions.append((rank, local, other, key))
             state.local_names[rank][local] = key
+    state.balance.note(rule.id, key, rank_bytes)
     side = state.pairs.note(key, rule.id, entry.shape, selections)
     if side is not None and rule.dims and entry.shape is not None:
         for dim, (_, _, strategy) in zip(rule.dims, rule.dim_strategies(entry.shape, key), strict=True):
@@ -158,6 +170,7 @@ def _owned(
 def _ids(state: _Pass, rule: BoundRule, m: Match, entry: EntryLike) -> tuple[int, ...]:
     key = entry.key
     ids = rule.placed_ids(m, key)
+    state.spread.note(rule, ids, entry.shape)
     for placement, g in zip(rule.captures, ids, strict=True):
         owners = placement.strategy.owners(g)
         if not owners:
@@ -317,22 +330,9 @@ def _report_keys(state: _Pass) -> None:
 _KNOWN = {
     "index-out-of-range",
     "layout-mismatch",
+    "layout-ambiguous",
     "shape-needed",
     "bad-capture",
     "shard-does-not-divide",
     "limit",
 }
-
-
-def _report_balance(state: _Pass) -> None:
-    per_rank = [n + state.replicated_bytes for n in state.bytes_per_rank]
-    if not any(per_rank):
-        return
-    mean = sum(per_rank) / len(per_rank)
-    peak = max(per_rank)
-    state.report.add(
-        "byte-balance",
-        f"bytes per rank: max {human_bytes(peak)} on rank {per_rank.index(peak)}, mean {human_bytes(mean)}, "
-        f"max/mean {peak / mean:.3f}",
-        data={"bytes_per_rank": per_rank, "max_over_mean": round(peak / mean, 4)},
-    )

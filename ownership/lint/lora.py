@@ -147,9 +147,7 @@ class LoraRanks:
             return
         self._seen.add(cache_key)
         try:
-            sizes = layout.resolve(
-                shape, known=rule.known_sizes, key=entry.key, rule=rule.id, source=rule.source
-            )
+            layout, sizes = rule.resolve(shape, entry.key)
         except DecisionError:
             return  # a layout that does not fit is reported by its own check
         d, f = layout.where("r")

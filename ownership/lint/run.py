@@ -19,13 +19,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ownership.errors import RulesetError
+from ownership.errors import MeshError, RulesetError
 from ownership.lint.finding import Finding, LintReport
 from ownership.lint.keys import check_keys
 from ownership.lint.static import finding_of, static_findings
 from ownership.loading.entries import Source, entries_from
 from ownership.placement.mesh import MeshLike, to_mesh
-from ownership.ruleset import Ruleset, detect_ruleset
+from ownership.ruleset import Ruleset, detect_ruleset, family_ruleset, model_type_of
 from ownership.spec.builtin import RuleSource, rule_source
 from ownership.spec.extends import resolve_spec
 from ownership.spec.params import merge_configs
@@ -43,17 +43,19 @@ def lint(
     params: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     text: str | None = None,
+    force_config: bool = False,
 ) -> LintReport:
     """Lint a ruleset (a `Ruleset`, a name, a path, `"auto"` for the built-in of the checkpoint's `model_type`,
     a parsed spec, or `text` of a rule file) against `source` and `mesh`.
 
     `source` is a checkpoint path or an open checkpoint, a list of keys or `(key, dtype, shape)`, entries, or
     None for the static checks and binding alone. `config` (a base model's config.json, say, for an adapter) is
-    laid over the checkpoint's own config for params and for the adapter's rank.
+    laid over the checkpoint's own config for params and for the adapter's rank (one of another `model_type`
+    is an error unless `force_config`).
     """
     mesh_obj = to_mesh(mesh)
     entries, own_config = entries_from(source) if source is not None else (None, None)
-    config = merge_configs(own_config, config)
+    config = merge_configs(own_config, config, force=force_config)
     if isinstance(ruleset, str) and ruleset == "auto" and text is None:
         ruleset = detect_ruleset(config)
     loaded = _load(ruleset, text)
@@ -69,9 +71,18 @@ def lint(
         return report
     try:
         bound = loaded.ruleset.bind(mesh=mesh_obj, params=params, config=config)
-    except RulesetError as error:
+    except (RulesetError, MeshError) as error:
         report.findings.append(finding_of(error))
         return report
+    right = family_ruleset(loaded.ruleset, config)
+    if right is not None:
+        report.add(
+            "wrong-ruleset",
+            f"ruleset {loaded.name!r} is not made for model_type {model_type_of(config)!r}; the built-in for it "
+            f"is {right!r}",
+            fix=f"lint with {right!r} (or `auto`, which picks it from the config)",
+            data={"model_type": model_type_of(config), "ruleset": right},
+        )
     if entries is not None:
         check_keys(bound, entries, report, config=config)
     return report

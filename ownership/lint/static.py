@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 
-from ownership.errors import RulesetError
+from ownership.errors import OwnershipError, RulesetError
 from ownership.lint.finding import Finding
 from ownership.spec.program import AnalyzedRule, Program
 
@@ -31,7 +31,7 @@ def static_findings(program: Program | None, problems: list[RulesetError]) -> li
     return [*_unused_captures(program), *_never_matches(program)]
 
 
-def finding_of(error: RulesetError) -> Finding:
+def finding_of(error: OwnershipError) -> Finding:
     """A compiler error as a finding under its own code, with what it found and expected, and any further
     problems it lists (its detail) in the finding's data."""
     message = error.message
@@ -101,7 +101,7 @@ def _never_matches(program: Program) -> list[Finding]:
         together = program if len(compatible) == len(program.rules) else program.subset(compatible)
         takers: set[str] = set()
         reached = False
-        for key in example_keys(rule.spec.match):
+        for key in example_keys(rule.pattern.source):
             found = together.classify(key)
             if found is None:
                 continue  # a dot-joining corner of the generator; says nothing

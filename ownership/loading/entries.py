@@ -33,6 +33,7 @@ __all__ = [
     "check_shape",
     "entries_from",
     "entry_nbytes",
+    "keys_config",
     "read_keys_file",
     "read_keys_path",
     "selected_nbytes",
@@ -106,7 +107,11 @@ def entries_from(source: Source) -> tuple[list[EntryLike], Mapping[str, Any] | N
 
 
 def read_keys_path(path: Path) -> list[KeyEntry]:
-    """Read a `--keys` file (`read_keys_file`); a file that cannot be read or is not UTF-8 is a `CheckpointError`."""
+    """Read a `--keys` file (`read_keys_file`), or the key names of a sharded checkpoint's
+    `model.safetensors.index.json` (its `weight_map`: a plan or lint before the shards are downloaded); a file
+    that cannot be read or is not UTF-8 is a `CheckpointError`."""
+    if path.suffix == ".json":
+        return _index_keys(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
@@ -120,6 +125,38 @@ def read_keys_path(path: Path) -> list[KeyEntry]:
             fix="save the key list as UTF-8",
         ) from None
     return read_keys_file(text.splitlines(), source=str(path))
+
+
+def _index_keys(path: Path) -> list[KeyEntry]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError("cannot read the index", source=str(path), found=error.strerror) from None
+    if len(data) > limits.MAX_JSON_BYTES:
+        raise limits.over_limit(
+            "the index", name="MAX_JSON_BYTES", found=f"{len(data):,} bytes", source=str(path)
+        )
+    index = limits.parse_json(data, source=str(path), what="the index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(key, str) for key in weight_map):
+        raise CheckpointError(
+            "not a checkpoint index",
+            source=str(path),
+            found=short(index),
+            expected='{"weight_map": {key: shard file, ...}}, as model.safetensors.index.json has',
+            fix="pass the index of a sharded checkpoint, or a key list (one key a line)",
+        )
+    return read_keys_file(weight_map, source=str(path))
+
+
+def keys_config(path: Path) -> dict[str, Any] | None:
+    """The `config.json` beside an index given as `--keys`, whose model facts it plans with; None for a key
+    list, or an index with no config beside it."""
+    config = path.parent / "config.json"
+    if path.suffix != ".json" or not config.is_file():
+        return None
+    data = limits.parse_json(config.read_bytes(), source=str(config), what="the config")
+    return data if isinstance(data, dict) else None
 
 
 def read_keys_file(lines: Iterable[str], *, source: str) -> list[KeyEntry]:

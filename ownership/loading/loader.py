@@ -346,6 +346,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     progress: bool | None = None,
     mmap: bool = True,
+    force_config: bool = False,
 ) -> LoadResult:
     """Plan `rank`'s share of `checkpoint` from its headers and read exactly that.
 
@@ -353,8 +354,10 @@ def load(
     checkpoint's `model_type`); `checkpoint` a path (file or folder) or a checkpoint already open
     (`open_checkpoint`, left open: it reads as it was opened, whatever `mmap` says). `dtype` is a torch dtype or
     its name (`"bfloat16"`, `"bf16"`, `"torch.float16"`). The tensors fit `model.load_state_dict` as they are:
-    `model.load_state_dict(ownership.load("auto", path, mesh="ep=8", rank=3).tensors)`. Params not given are read from the checkpoint's `config.json` where the ruleset names the config keys, with
-    `config` (for an adapter, its base model's config.json) laid over it. With `mmap` (the default), large
+    `model.load_state_dict(ownership.load("auto", path, mesh="ep=8", rank=3).tensors)`. Params not given are
+    read from the checkpoint's `config.json` where the ruleset names the config keys, with `config` (for an
+    adapter, its base model's config.json) laid over it; a `config` of another `model_type` than the
+    checkpoint's is an error unless `force_config`. With `mmap` (the default), large
     tensors kept whole or by rows are copy-on-write views of the file's pages, mapped and populated, as
     safetensors and `torch.load(mmap=True)` give them: the file must not be truncated or rewritten in place while
     they live. `mmap=False` reads every tensor into memory of its own.
@@ -367,7 +370,7 @@ def load(
     )
     # One pause of the cyclic collector for the whole load: the header's objects are collected once, after.
     with paused_gc(), opened as source:
-        merged = merge_configs(source.config, config)
+        merged = merge_configs(source.config, config, force=force_config)
         bound = resolve_ruleset(ruleset, merged, source=str(checkpoint)).bind(
             mesh=mesh, params=params, config=merged
         )

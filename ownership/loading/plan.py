@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any
+from typing import Any, NamedTuple
 
 from ownership.compile.bind import BoundRuleset
 from ownership.errors import DecisionError
@@ -31,7 +31,7 @@ from ownership.placement.mesh import MeshLike
 from ownership.ruleset import RulesetLike, resolve_ruleset
 from ownership.spec.params import merge_configs
 
-__all__ = ["MeshPlan", "Plan", "PlanBuilder", "build_mesh_plan", "build_plan", "plan"]
+__all__ = ["MeshPlan", "Padding", "Plan", "PlanBuilder", "build_mesh_plan", "build_plan", "plan"]
 
 
 def plan(
@@ -42,6 +42,7 @@ def plan(
     rank: int | None = None,
     params: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
+    force_config: bool = False,
 ) -> Plan | MeshPlan:
     """Decide every entry of `source` for `rank`, or for every rank when `rank` is None.
 
@@ -49,14 +50,23 @@ def plan(
     checkpoint's `model_type`, with `config` laid over its config). `source` is a checkpoint path
     (file or folder; params such as `num_experts` are then also read from its config.json), an open checkpoint,
     entries, keys, or `(key, dtype, shape)` triples. `config` (for an adapter, its base model's config.json) is
-    laid over the checkpoint's own.
+    laid over the checkpoint's own; one of another `model_type` is an error unless `force_config`.
     """
     entries, own_config = entries_from(source)
-    merged = merge_configs(own_config, config)
+    merged = merge_configs(own_config, config, force=force_config)
     bound = resolve_ruleset(ruleset, merged).bind(mesh=mesh, params=params, config=merged)
     if rank is None:
         return build_mesh_plan(bound, entries)
     return build_plan(bound, entries, rank=rank)
+
+
+class Padding(NamedTuple):
+    """A padded dim of an owned tensor: this rank reads `rows` real rows of the `padded_rows` it holds."""
+
+    key: str
+    dim: int
+    rows: int
+    padded_rows: int
 
 
 @dataclass
@@ -70,6 +80,8 @@ class Plan:
     index: list[int]
     ruleset: str = ""
     params: dict[str, Any] = field(default_factory=dict)
+    padding: list[Padding] = field(default_factory=list)
+    """Owned tensors whose share is short of what vLLM allocates for it (a padded vocab)."""
 
     def owned_entries(self) -> Iterator[tuple[EntryLike, Decision]]:
         """(entry, decision) of every owned key, in checkpoint order."""
@@ -98,6 +110,7 @@ class Plan:
             "coords": self.coords,
             "owned": [d.to_json() for d in self.owned],
             "bytes_owned": self.bytes_owned,
+            **({"padding": [p._asdict() for p in self.padding]} if self.padding else {}),
         }
 
 
@@ -175,14 +188,16 @@ class PlanBuilder:
         for _ in self.owned_entries():
             pass
         _check_local_names(self.owned, self.rank)
+        coords = self.rules.coords
         return Plan(
             rank=self.rank,
-            coords=self.rules.coords,
+            coords=coords,
             entries=self.entries,
             owned=self.owned,
             index=self.index,
             ruleset=self.bound.program.spec.name,
             params=self.bound.params,
+            padding=_padding(self.bound, self.entries, self.owned, self.index, coords),
         )
 
 
@@ -200,18 +215,40 @@ def build_mesh_plan(bound: BoundRuleset, entries: Iterable[EntryLike]) -> MeshPl
     plans = []
     for rank in range(mesh.num_ranks):
         _check_local_names(owned[rank], rank)
+        coords = mesh.coords(rank)
         plans.append(
             Plan(
                 rank=rank,
-                coords=mesh.coords(rank),
+                coords=coords,
                 entries=entry_list,
                 owned=owned[rank],
                 index=index[rank],
                 ruleset=bound.program.spec.name,
                 params=bound.params,
+                padding=_padding(bound, entry_list, owned[rank], index[rank], coords),
             )
         )
     return MeshPlan(ranks=plans, ruleset=bound.program.spec.name, mesh=dict(mesh.axes), params=bound.params)
+
+
+def _padding(
+    bound: BoundRuleset,
+    entries: Sequence[EntryLike],
+    owned: Sequence[Decision],
+    index: Sequence[int],
+    coords: Mapping[str, int],
+) -> list[Padding]:
+    padded = {rule.id for rule in bound.rules if rule.pads}
+    if not padded:
+        return []
+    out = []
+    for decision, i in zip(owned, index, strict=True):
+        shape = entries[i].shape
+        if decision.rule in padded and shape is not None:
+            rule = bound.by_id[decision.rule]
+            for dim, rows, padded_rows in rule.padding(tuple(shape), coords, decision.key):
+                out.append(Padding(decision.key, dim, rows, padded_rows))
+    return out
 
 
 def _check_local_names(decisions: Sequence[Decision], rank: int) -> None:

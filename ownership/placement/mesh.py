@@ -22,7 +22,11 @@ from typing import TypeAlias
 from ownership import limits
 from ownership.errors import MeshError
 
-__all__ = ["Mesh", "MeshLike", "to_mesh"]
+__all__ = ["REPLICATION_AXES", "Mesh", "MeshLike", "to_mesh"]
+
+REPLICATION_AXES = ("dp", "pcp", "dcp", "cp")
+"""Axes along which every rank holds the same weights (data and context parallelism): a mesh may declare them
+whatever the ruleset places."""
 
 _AXIS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 

@@ -12,6 +12,8 @@ Each strategy answers both directions: `owned(coord)` (the ids a coordinate hold
 | `layers` | vLLM `get_pp_indices` (the remainder goes to the stages just before the last), or explicit sizes |
 | `vllm_contiguous` | PR #42737: `[c*n_c, c*n_c + n_c)`; may leave ids unowned or owned twice when P does not divide n |
 | `shard` | equal contiguous chunks (per part for packed dims); uneven only by opt-in (then as `linear`) |
+| `shard` with `pad` | vLLM's `VocabParallelEmbedding`: `n` rounded up to a multiple of `pad`, cut in equal chunks; the last coordinates hold fewer real ids (or none), the rest is padding |
+| `shard` with `align` | chunks of `ceil(n / (P*align)) * align` ids, the last coordinates taking what is left (vLLM's cut of GPT-OSS's MXFP4 experts in 32-element blocks) |
 
 Example:
     >>> s = make_strategy("linear", num_ids=10, num_coords=4)
@@ -19,6 +21,12 @@ Example:
     [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
     >>> s.owners(7)
     ((2, 1),)
+    >>> vocab = make_strategy("shard", num_ids=49155, num_coords=4, pad=64)   # padded to 49216: 12304 each
+    >>> [len(vocab.owned(c)) for c in range(4)], vocab.chunk
+    ([12304, 12304, 12304, 12243], 12304)
+    >>> blocks = make_strategy("shard", num_ids=2880, num_coords=8, align=32)   # 90 blocks of 32 over 8
+    >>> [len(blocks.owned(c)) for c in (0, 6, 7)]
+    [384, 384, 192]
 """
 
 from __future__ import annotations
@@ -196,6 +204,22 @@ class Shard(Strategy):
     name: str = field(init=False, default="shard")
     parts: tuple[Part, ...] = ()
     uneven: bool = False
+    pad: int | None = None
+    align: int | None = None
+
+    @property
+    def padded(self) -> int:
+        """The size the coordinates split: `num_ids` rounded up to a multiple of `pad`."""
+        if self.pad is None:
+            return self.num_ids
+        return -(-self.num_ids // self.pad) * self.pad
+
+    @property
+    def chunk(self) -> int:
+        """Ids per coordinate, padding included (for a padded or aligned shard; else the largest share)."""
+        if self.align is not None:
+            return -(-self.num_ids // (self.num_coords * self.align)) * self.align
+        return -(-self.padded // self.num_coords)
 
     @property
     def exact(self) -> bool:
@@ -206,6 +230,9 @@ class Shard(Strategy):
         return self.parts or (Part(self.num_ids),)
 
     def owned(self, coord: int) -> list[int] | range:
+        if self.pad is not None or self.align is not None:
+            chunk = self.chunk
+            return range(min(coord * chunk, self.num_ids), min((coord + 1) * chunk, self.num_ids))
         pieces: list[range] = []
         offset = 0
         for part in self._parts():
@@ -233,6 +260,23 @@ class Shard(Strategy):
     def problem(self) -> ShardProblem | None:
         """Why this split is not allowed, or None: sizes must divide unless `uneven` is set."""
         num = self.num_coords
+        if self.align is not None:
+            if self.num_ids % self.align:
+                return ShardProblem(
+                    f"size {self.num_ids} is not a whole number of blocks of {self.align}",
+                    f"a multiple of {self.align}",
+                    uneven_helps=False,
+                )
+            return None
+        if self.pad is not None:
+            if self.padded % num:
+                return ShardProblem(
+                    f"size {self.num_ids}, padded to a multiple of {self.pad} ({self.padded}), does not divide "
+                    f"over {num} coordinates",
+                    f"{num} coordinates dividing {self.padded}",
+                    uneven_helps=False,
+                )
+            return None
         for part in self._parts():
             if part.heads is not None:
                 if part.size % part.heads:
@@ -280,6 +324,8 @@ def make_strategy(
     sizes: Sequence[int] | None = None,
     parts: Sequence[Part] | None = None,
     uneven: bool = False,
+    pad: int | None = None,
+    align: int | None = None,
 ) -> Strategy:
     """Build a strategy by name; arguments are assumed valid (the compiler checks them)."""
     if name == "linear":
@@ -293,5 +339,5 @@ def make_strategy(
     if name == "layers":
         return Layers(num_ids, num_coords, sizes=tuple(sizes) if sizes is not None else None)
     if name == "shard":
-        return Shard(num_ids, num_coords, parts=tuple(parts or ()), uneven=uneven)
+        return Shard(num_ids, num_coords, parts=tuple(parts or ()), uneven=uneven, pad=pad, align=align)
     raise ValueError(f"unknown strategy {name!r}")

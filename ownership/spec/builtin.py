@@ -15,14 +15,13 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ownership.errors import RulesetError
+from ownership.errors import RulesetError, did_you_mean, one_of
 
 __all__ = [
     "RuleSource",
@@ -111,8 +110,8 @@ def builtin_path(name: str) -> Path:
     """The file of a built-in ruleset; an unknown name lists the known ones."""
     path = builtin_dir() / f"{name}.toml"
     if not path.is_file():
-        close = difflib.get_close_matches(name, [*builtin_names(), *families()], n=1)
-        hint = f"did you mean {close[0]!r}? Else run" if close else "run"
+        close = did_you_mean(name, [*builtin_names(), *families()])
+        hint = f"did you mean {one_of(close)}? Else run" if close else "run"
         raise RulesetError(
             f"no built-in ruleset {name!r}",
             found=repr(name),

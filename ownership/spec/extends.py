@@ -136,6 +136,12 @@ def merge(parent: RulesetSpec, child: RulesetSpec, *, parent_source: str, source
         axes=[*parent.axes, *(a for a in child.axes if a not in parent.axes)],
         params={**parent.params, **child.params},
         place={**parent.place, **child.place},
+        replicated_axes=[
+            *parent.replicated_axes,
+            *(a for a in child.replicated_axes if a not in parent.replicated_axes),
+        ],
+        dims={**parent.dims, **child.dims},
+        fragments={**parent.fragments, **child.fragments},
         default=child.default if "default" in fields else parent.default,
         rule=rules,
     )

@@ -53,8 +53,10 @@ class Layout:
         key: str,
         rule: str | None = None,
         source: str | None = None,
+        origins: Mapping[str, str] | None = None,
     ) -> tuple[tuple[int, ...], ...]:
-        """Factor sizes for a tensor of `shape`; `known` gives sizes of some factors."""
+        """Factor sizes for a tensor of `shape`; `known` gives sizes of some factors, `origins` where a known size
+        comes from (a param such as `hidden_size`), for the error when the shape does not fit it."""
         if len(shape) != len(self.dims):
             raise DecisionError(
                 f"layout {self.source!r} has {len(self.dims)} dims but the tensor has {len(shape)}",
@@ -67,9 +69,44 @@ class Layout:
                 code="layout-mismatch",
             )
         sizes: list[tuple[int, ...]] = []
-        for dim, size in zip(self.dims, shape, strict=True):
-            sizes.append(self._resolve_dim(dim, size, known=known, key=key, rule=rule, source=source))
+        for d, (dim, size) in enumerate(zip(self.dims, shape, strict=True)):
+            try:
+                sizes.append(self._resolve_dim(dim, size, known=known, key=key, rule=rule, source=source))
+            except DecisionError as error:
+                raise self._explained(error, d, dim, size, known, origins or {}, shape) from None
         return tuple(sizes)
+
+    def _explained(
+        self,
+        error: DecisionError,
+        d: int,
+        dim: tuple[str, ...],
+        size: int,
+        known: Mapping[str, int],
+        origins: Mapping[str, str],
+        shape: Sequence[int],
+    ) -> DecisionError:
+        """A dim that does not fit a model size (from the config) is most often a tensor stored in another
+        orientation: say which dim, which size and where it comes from."""
+        bound = [
+            name for name in dim if name in origins and name in known and origins[name] != str(known[name])
+        ]
+        if not bound or error.code != "layout-mismatch" or "cannot infer" in error.message:
+            return error
+        where = ", ".join(f"{name} = {origins[name]} = {known[name]}" for name in bound)
+        return DecisionError(
+            f"dim {d} of the tensor is ({' '.join(dim)}) in layout {self.source!r}, but its size is not the "
+            f"model's",
+            key=error.key,
+            rule=error.rule,
+            source=error.source,
+            found=f"shape {list(shape)}: size {size} at dim {d}",
+            expected=f"{_describe(dim, known)} at dim {d} ({where})",
+            fix="the tensor is stored in another orientation than the rule's layout (transposed?), or is of another "
+            "model: use the ruleset of the checkpoint's model_type, give the rule a layout for this orientation, "
+            "or check the config",
+            code="layout-mismatch",
+        )
 
     def _resolve_dim(
         self,

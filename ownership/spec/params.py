@@ -1,9 +1,11 @@
 """Params: the model facts rules refer to, resolved from what the user gives, a config file, or defaults.
 
 Precedence: an explicit value, then the first of the param's `config` keys found in `config.json` /
-`adapter_config.json` (dotted keys reach into nested objects, e.g. `ffn_config.moe_num_experts`), then the
-declared default. A param with none of these is an error that names it, the rules that use it and where it could
-come from. Params are never guessed from the checkpoint's keys.
+`adapter_config.json` (dotted keys reach into nested objects, e.g. `ffn_config.moe_num_experts`; a multimodal
+model's text section, such as `text_config`, is read before the top level), then a value by the config's
+`model_type` (`model_types`), then the declared default. A param with none of these is an error that names it,
+the rules that use it and where it could come from, unless it is `optional` (a model size that only serves
+checks). Params are never guessed from the checkpoint's keys.
 
 Sizes in rules are an int, a param name, or a product of them (`num_heads*head_dim`).
 
@@ -25,13 +27,16 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ownership.errors import RulesetError
+from ownership.errors import CheckpointError, RulesetError
 from ownership.spec.schema import ParamSpec
 
 __all__ = [
+    "TEXT_SECTIONS",
     "coerce_param",
     "config_lookup",
+    "config_sections",
     "evaluate_size",
+    "known_size",
     "merge_configs",
     "resolve_params",
     "size_names",
@@ -65,11 +70,44 @@ def config_lookup(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def merge_configs(own: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> dict[str, Any] | None:
+TEXT_SECTIONS = ("text_config", "language_config", "llm_config", "thinker_config.text_config")
+"""Where multimodal configs keep their language model's config, looked up before the top level."""
+
+
+def config_sections(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The language model's sections of a config (`text_config`, ...) that it has, then the config itself.
+
+    Example:
+        >>> [sorted(s) for s in config_sections({"text_config": {"hidden_size": 8}, "model_type": "vl"})]
+        [['hidden_size'], ['model_type', 'text_config']]
+    """
+    nested = [config_lookup(config, name) for name in TEXT_SECTIONS]
+    return [*(section for section in nested if isinstance(section, Mapping)), config]
+
+
+def merge_configs(
+    own: Mapping[str, Any] | None, given: Mapping[str, Any] | None, *, force: bool = False
+) -> dict[str, Any] | None:
     """A checkpoint's own config with a given one (a base model's, for an adapter) laid over it; None when
-    neither exists."""
+    neither exists. A given config of another `model_type` than the checkpoint's own is a `CheckpointError`
+    (it would silently decide the checkpoint as another model), unless `force`.
+
+    Example:
+        >>> merge_configs({"model_type": "gpt_oss", "num_local_experts": 32}, {"num_local_experts": 8})
+        {'model_type': 'gpt_oss', 'num_local_experts': 8}
+    """
     if own is None and given is None:
         return None
+    ours, theirs = (own or {}).get("model_type"), (given or {}).get("model_type")
+    if not force and isinstance(ours, str) and isinstance(theirs, str) and ours != theirs:
+        raise CheckpointError(
+            "the config given is of another model than the checkpoint",
+            found=f"model_type {theirs!r} given, {ours!r} in the checkpoint's config.json",
+            expected="the checkpoint's own model_type, or no model_type in the config given",
+            fix="pass the checkpoint's base model's config (or --param for the values you mean); to decide it as "
+            "the other model all the same, pass --force-config (force_config=True in Python)",
+            code="config-mismatch",
+        )
     return {**(own or {}), **(given or {})}
 
 
@@ -96,12 +134,14 @@ def resolve_params(
     for name, spec in declared.items():
         value = given.get(name)
         if value is None and config is not None:
-            for dotted in spec.config:
-                value = config_lookup(config, dotted)
-                if value is not None:
-                    break
+            value = _from_config(config, spec.config)
+            if value is None and spec.model_types:
+                value = _by_model_type(config, spec.model_types)
         if value is None:
             value = spec.default
+        if value is None and spec.optional:
+            values[name] = None
+            continue
         if value is None:
             used_by = (users or {}).get(name, [])
             where = f" (used by rule {', '.join(repr(r) for r in used_by)})" if used_by else ""
@@ -129,6 +169,24 @@ def resolve_params(
             )
         values[name] = value
     return values
+
+
+def _from_config(config: Mapping[str, Any], keys: list[str]) -> Any:
+    for section in config_sections(config):
+        for dotted in keys:
+            value = config_lookup(section, dotted)
+            if value is not None:
+                return value
+    return None
+
+
+def _by_model_type(config: Mapping[str, Any], values: Mapping[str, Any]) -> Any:
+    """The value for the config's model_type: the top level's (a multimodal wrapper's), else its text section's."""
+    for section in reversed(config_sections(config)):
+        model_type = section.get("model_type")
+        if isinstance(model_type, str) and model_type in values:
+            return values[model_type]
+    return None
 
 
 _TOKEN = re.compile(r"\s*([*/]?)\s*([^*/\s]+)\s*")
@@ -176,3 +234,15 @@ def evaluate_size(expr: int | str, params: Mapping[str, Any], *, rule: str | Non
             )
         total = total * value if op == "*" else total // value
     return total
+
+
+def known_size(expr: int | str, params: Mapping[str, Any], *, rule: str | None, source: str) -> int | None:
+    """`evaluate_size`, or None when a param it uses has no value (an optional param the config lacks).
+
+    Example:
+        >>> known_size("hidden_size", {"hidden_size": None}, rule=None, source="demo") is None
+        True
+    """
+    if any(name in params and params[name] is None for name in size_names(expr)):
+        return None
+    return evaluate_size(expr, params, rule=rule, source=source)

@@ -27,14 +27,13 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from ownership import limits
-from ownership.errors import RulesetError
+from ownership.errors import RulesetError, did_you_mean, one_of
 from ownership.spec.layout import Layout, parse_layout
 from ownership.spec.params import size_names
 from ownership.spec.schema import PARTITION_STRATEGIES, STRATEGIES, PlacementSpec, RulesetSpec, RuleSpec
@@ -78,7 +77,9 @@ class AnalyzedRule:
     index: int
     spec: RuleSpec
     pattern: CompiledPattern
-    layout: Layout | None
+    layouts: tuple[Layout, ...]
+    """The tensor's layout, or the orientations a family stores it in (all naming the same dims); empty when
+    the rule has none."""
     captured: dict[str, tuple[str, PlacementSpec]]
     """Placed key captures: name -> (group name in the joined pattern, placement)."""
     dims: dict[str, PlacementSpec]
@@ -92,6 +93,11 @@ class AnalyzedRule:
     @property
     def id(self) -> str:
         return self.spec.id
+
+    @property
+    def layout(self) -> Layout | None:
+        """The first (or only) layout; every alternative names the same dims and factors."""
+        return self.layouts[0] if self.layouts else None
 
     def capture_value(self, match: Match, name: str) -> int | str:
         text: str | None = match.group(self.groups[name])
@@ -165,6 +171,18 @@ def check(spec: RulesetSpec, *, source: str = "<string>") -> tuple[Program | Non
             fix="merge rules, or split the ruleset",
         )
     sink: list[RulesetError] = []
+    for name, ref in spec.dims.items():
+        for param in size_names(ref):
+            if param not in spec.params:
+                sink.append(
+                    RulesetError(
+                        f"[dims] {name} refers to undeclared param {param!r}",
+                        source=source,
+                        expected=f"one of the declared params {sorted(spec.params)}",
+                        fix=f"declare it with [params.{param}] (optional = true if configs may lack it)",
+                        code="unknown-param",
+                    )
+                )
     seen: set[str] = set()
     analyzed = []
     for i, rule in enumerate(spec.rules):
@@ -220,10 +238,9 @@ def effective_place(
 
 def _placement_params(placement: PlacementSpec, spec: RulesetSpec) -> set[str]:
     names: set[str] = set()
-    if placement.size is not None:
-        names.update(size_names(placement.size))
-    for ref in (*(placement.parts or ()), *(placement.heads or ())):
-        names.update(size_names(ref))
+    for size in (placement.size, placement.extra, *(placement.parts or ()), *(placement.heads or ())):
+        if size is not None:
+            names.update(size_names(size))
     for ref in (placement.table, placement.sizes):
         if isinstance(ref, str):
             names.add(ref)
@@ -239,18 +256,31 @@ def _analyze_rule(
 
     try:
         if rule.match is not None:
-            pattern = compile_template(rule.match, rule=rule.id, source=source)
+            pattern = compile_template(
+                expand_fragments(rule.match, spec, rule=rule.id, source=source), rule=rule.id, source=source
+            )
         else:
             pattern = compile_raw_regex(rule.regex or "", rule=rule.id, source=source)
     except RulesetError as error:
         report(error)
         pattern = CompiledPattern(source=rule.match or rule.regex or "", regex="(?!)", captures={})
-    layout: Layout | None = None
-    if rule.layout is not None:
+    layouts: list[Layout] = []
+    for text in [rule.layout] if isinstance(rule.layout, str) else rule.layout or []:
         try:
-            layout = parse_layout(rule.layout, rule=rule.id, source=source)
+            layouts.append(parse_layout(text, rule=rule.id, source=source))
         except RulesetError as error:
             report(error)
+    if isinstance(rule.layout, list) and not rule.layout:
+        report(
+            RulesetError(
+                "empty list of layouts",
+                source=source,
+                rule=rule.id,
+                fix="give a layout, a list of the orientations the tensor is stored in, or no `layout`",
+                code="layout-error",
+            )
+        )
+    layout = layouts[0] if layouts else None
     group_names = {name: f"r{index}_{name}" for name in pattern.captures}
     captured: dict[str, tuple[str, PlacementSpec]] = {}
     dims: dict[str, PlacementSpec] = {}
@@ -278,6 +308,34 @@ def _analyze_rule(
             captured[name] = (group_names[name], placement)
         elif layout is not None and name in layout.names:
             dims[name] = placement
+    for other in layouts[1:] if len(layouts) > 1 else ():
+        missing = [name for name in dims if name not in other.names]
+        if missing:
+            report(
+                RulesetError(
+                    f"layout {other.source!r} does not name {', '.join(map(repr, missing))}, which the rule places",
+                    source=source,
+                    rule=rule.id,
+                    found=f"{other.source!r} beside {layouts[0].source!r}",
+                    expected="every layout of a rule naming every dim it places",
+                    fix="name the placed dims in each layout, or split the rule",
+                    code="layout-error",
+                )
+            )
+    for axis in rule.replicate:
+        if axis not in spec.axes:
+            report(_unknown_axis(axis, rule, spec, source, what="replicate"))
+        if axis in axes_used or axis in rule.pin:
+            report(
+                RulesetError(
+                    f"axis {axis!r} is both replicated and "
+                    + (f"placed by index {axes_used[axis]!r}" if axis in axes_used else "pinned"),
+                    source=source,
+                    rule=rule.id,
+                    fix="replicate along an axis, or split or pin on it, not both",
+                    code="axis-placed-twice",
+                )
+            )
     for axis, pinned in rule.pin.items():
         if axis not in spec.axes:
             report(_unknown_axis(axis, rule, spec, source, what="pin"))
@@ -303,14 +361,15 @@ def _analyze_rule(
                         code="bad-pin",
                     )
                 )
+    named = {name for each in layouts for name in each.names}
     for name, ref in rule.sizes.items():
-        if layout is None or name not in layout.names:
+        if name not in named:
             report(
                 RulesetError(
                     f"size given for {name!r}, which the layout does not name",
                     source=source,
                     rule=rule.id,
-                    found=rule.layout or "no layout",
+                    found=str(rule.layout or "no layout"),
                     fix="name it in the layout or remove it from `sizes`",
                     code="unknown-index",
                 )
@@ -323,13 +382,68 @@ def _analyze_rule(
         index=index,
         spec=rule,
         pattern=pattern,
-        layout=layout,
+        layouts=tuple(layouts),
         captured=captured,
         dims=dims,
         rename=rename,
         groups=group_names,
         place=place,
     )
+
+
+_FRAGMENT = re.compile(r"\$\{([^}]*)\}")
+
+
+def expand_fragments(template: str, spec: RulesetSpec, *, rule: str | None = None, source: str = "") -> str:
+    """`template` with every `${name}` replaced by the ruleset's fragment of that name (fragments may use other
+    fragments; a cycle, an unknown name or a capture inside a fragment is a `RulesetError`).
+
+    Example:
+        >>> spec = RulesetSpec(name="t", fragments={"model": "{model.,language_model.model.}"})
+        >>> expand_fragments("${model}layers.<layer>.**", spec)
+        '{model.,language_model.model.}layers.<layer>.**'
+    """
+
+    def expand(text: str, chain: tuple[str, ...]) -> str:
+        def one(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in spec.fragments:
+                close = did_you_mean(name, spec.fragments)
+                raise RulesetError(
+                    f"unknown fragment ${{{name}}} in the pattern",
+                    source=source,
+                    rule=rule,
+                    found=repr(name),
+                    expected=f"one of the ruleset's fragments {sorted(spec.fragments)}",
+                    fix="define it under [fragments], or correct the name"
+                    + (f" (did you mean {one_of(close)}?)" if close else ""),
+                    code="pattern-error",
+                )
+            if name in chain:
+                raise RulesetError(
+                    f"fragment ${{{name}}} uses itself",
+                    source=source,
+                    rule=rule,
+                    found=" -> ".join([*chain, name]),
+                    fix="break the cycle in [fragments]",
+                    code="pattern-error",
+                )
+            body = spec.fragments[name]
+            if "<" in body:
+                raise RulesetError(
+                    f"fragment ${{{name}}} holds a capture",
+                    source=source,
+                    rule=rule,
+                    found=repr(body),
+                    expected="literal text, `*`, `**` and {a,b} alternatives",
+                    fix="keep captures in the rule's own pattern, where they are placed",
+                    code="pattern-error",
+                )
+            return expand(body, (*chain, name))
+
+        return _FRAGMENT.sub(one, text)
+
+    return expand(template, ())
 
 
 def _placement_problems(
@@ -416,6 +530,36 @@ def _placement_problems(
                 code="bad-strategy",
             )
         )
+    if placement.extra is not None and strategy not in ("layers",) and strategy in STRATEGIES:
+        out.append(
+            RulesetError(
+                f"`extra` on index {name!r} only applies to strategy `layers`",
+                source=source,
+                rule=rule.id,
+                found=f"strategy {strategy!r}",
+                fix='use strategy = "layers" or remove extra',
+                code="bad-strategy",
+            )
+        )
+    if (placement.pad is not None or placement.align is not None) and (
+        strategy != "shard"
+        or placement.parts is not None
+        or placement.uneven
+        or (placement.pad is not None and placement.align is not None)
+    ):
+        out.append(
+            RulesetError(
+                f"`pad` or `align` on index {name!r} only applies to strategy `shard`, alone (no `parts`, "
+                "`uneven`, or both)",
+                source=source,
+                rule=rule.id,
+                found=f"strategy {strategy!r}"
+                + (" with parts" if placement.parts else "")
+                + (" with uneven" if placement.uneven else ""),
+                fix='use strategy = "shard" with pad or align alone, or remove them',
+                code="bad-strategy",
+            )
+        )
     if placement.heads is not None and len(placement.heads) != len(placement.parts or ()):
         out.append(
             RulesetError(
@@ -434,18 +578,15 @@ def _placement_problems(
 
 
 def _unknown_axis(axis: str, rule: RuleSpec, spec: RulesetSpec, source: str, *, what: str) -> RulesetError:
-    close = difflib.get_close_matches(axis, spec.axes, n=1) or [
-        a for a in spec.axes if a.lower() == axis.lower()
-    ]
+    close = did_you_mean(axis, spec.axes)
     return RulesetError(
         f"unknown axis {axis!r} in {what}",
         source=source,
         rule=rule.id,
         found=repr(axis),
         expected=f"one of the ruleset's axes {spec.axes}",
-        fix=f"correct the spelling (did you mean {close[0]!r}?)"
-        if close
-        else f"add {axis!r} to `axes` at the top of the file, or correct the spelling",
+        fix=f"add {axis!r} to `axes` at the top of the file, or correct the spelling"
+        + (f" (did you mean {one_of(close)}?)" if close else ""),
         code="unknown-axis",
     )
 

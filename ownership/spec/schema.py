@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ownership.errors import RulesetError, short
+from ownership.errors import RulesetError, did_you_mean, one_of, short
 from ownership.limits import MAX_RULE_FILE_BYTES, over_limit
 
 __all__ = [
@@ -74,7 +73,19 @@ class ParamSpec(StrictModel):
     choices: list[int | str] | None = None
     config: list[str] = Field(
         default_factory=list,
-        description="Dotted keys of config.json / adapter_config.json to read the value from, first found wins.",
+        description="Dotted keys of config.json / adapter_config.json to read the value from, first found wins "
+        "(a multimodal config's text section, e.g. text_config, is read before its top level).",
+    )
+    model_types: dict[str, ParamValue] = Field(
+        default_factory=dict,
+        description="Values by the config's `model_type`, for what the serving engine does differently per "
+        "family (vLLM builds the embeddings on every pipeline stage for some); read after the config keys, "
+        "before the default.",
+    )
+    optional: bool = Field(
+        default=False,
+        description="No value is no error: a model size that only serves checks (`[dims]`, `sizes`), which are "
+        "skipped without it.",
     )
 
 
@@ -90,12 +101,29 @@ class PlacementSpec(StrictModel):
     size: SizeRef | None = None
     table: list[list[int]] | str | None = None
     sizes: list[int] | str | None = Field(default=None, description="Explicit stage sizes for `layers`.")
+    extra: SizeRef | None = Field(
+        default=None,
+        description="For `layers`: this many ids past `size`, all on the last coordinate (multi-token-prediction "
+        "layers `layers.<num_layers + i>`, which vLLM runs on the last pipeline stage only).",
+    )
     parts: list[SizeRef] | None = Field(default=None, description="Unequal packed parts for `shard`.")
     heads: list[SizeRef] | None = Field(
         default=None,
         description="Heads per part for `shard`: a part with fewer heads than coordinates is replicated.",
     )
     uneven: bool = Field(default=False, description="Allow `shard` of a size that does not divide.")
+    pad: int | None = Field(
+        default=None,
+        ge=1,
+        description="For `shard`: round the size up to a multiple of this before cutting equal chunks, as vLLM "
+        "pads the vocab (64); the last coordinates then hold fewer real rows. A plan reports the padding.",
+    )
+    align: int | None = Field(
+        default=None,
+        ge=1,
+        description="For `shard`: cut in chunks of ceil(size / (coordinates * align)) * align, the last "
+        "coordinates taking what is left, as vLLM cuts quantized blocks (GPT-OSS's MXFP4 experts: 32).",
+    )
 
 
 class RuleSpec(StrictModel):
@@ -107,14 +135,21 @@ class RuleSpec(StrictModel):
     regex: str | None = Field(
         default=None, description="Raw full-match regex with named groups (escape hatch)."
     )
-    layout: str | None = Field(
-        default=None, description="Tensor dims in einops notation, e.g. '(expert r) in'."
+    layout: str | list[str] | None = Field(
+        default=None,
+        description="Tensor dims in einops notation, e.g. '(expert r) in'; a list gives the orientations a "
+        "family stores the tensor in, and the one the shape and the model's sizes fit is used.",
     )
     sizes: dict[str, SizeRef] = Field(default_factory=dict, description="Known sizes of layout factors.")
     place: dict[str, PlacementSpec] = Field(default_factory=dict)
     pin: dict[str, PinAt | list[PinAt]] = Field(
         default_factory=dict,
         description="Only these coordinates of an axis own the key: first, last, an index, or a list of them.",
+    )
+    replicate: list[str] = Field(
+        default_factory=list,
+        description="Axes along which the rule keeps its tensors whole on purpose (a LoRA A that all experts "
+        "share, under ep): said so, the linter's silent-replication check leaves them be.",
     )
     drop: bool = False
     rename: str | None = None
@@ -145,8 +180,10 @@ class RuleSpec(StrictModel):
     def _one_pattern(self) -> RuleSpec:
         if (self.match is None) == (self.regex is None):
             raise ValueError("give exactly one of `match` (a template) or `regex`")
-        if self.drop and (self.place or self.pin or self.rename):
-            raise ValueError("a dropped rule places nothing: remove `place`, `pin` and `rename`, or `drop`")
+        if self.drop and (self.place or self.pin or self.rename or self.replicate):
+            raise ValueError(
+                "a dropped rule places nothing: remove `place`, `pin`, `replicate` and `rename`, or `drop`"
+            )
         return self
 
 
@@ -168,6 +205,22 @@ class RulesetSpec(StrictModel):
         default_factory=dict,
         description="Placements by index name, applied to every rule that captures or lays out that index and "
         "does not already use the placement's axis.",
+    )
+    replicated_axes: list[str] = Field(
+        default_factory=list,
+        description="Axes a mesh may declare that no rule here splits over: every rank along them loads the "
+        "same (dp, pcp, dcp and cp always may).",
+    )
+    fragments: dict[str, str] = Field(
+        default_factory=dict,
+        description="Named pieces of key templates, used in `match` as ${name} (a fragment may use others): "
+        'one place for the prefixes a family\'s keys live under, e.g. model = "{model.,language_model.model.}".',
+    )
+    dims: dict[str, SizeRef] = Field(
+        default_factory=dict,
+        description='The model\'s size of each named layout dim (`hidden = "hidden_size"`): a tensor whose dim '
+        "of that name has another size is an error, so a transposed tensor is never cut on the wrong dim. A "
+        "size whose optional params have no value is not checked.",
     )
     default: Literal["error", "replicate", "drop"] = "error"
     rules: list[RuleSpec] = Field(default_factory=list, alias="rule")
@@ -304,14 +357,14 @@ def explain_validation(
     prefix = "".join(f"{part}: " for part in at.where)
     if first["type"] == "extra_forbidden":
         names = sorted(info.alias or name for name, info in at.model.model_fields.items())
-        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        close = did_you_mean(str(loc[-1]), names)
         return RulesetError(
             f"{prefix}unknown field {at.field or '<root>'!r}{more}",
             source=source,
             rule=at.rule,
             found=repr(loc[-1]),
             expected=f"one of: {', '.join(names)}",
-            fix=f"correct its spelling (did you mean {close[0]!r}?)"
+            fix=f"correct its spelling (did you mean {one_of(close)}?)"
             if close
             else "remove the field or correct its spelling",
             code="schema",

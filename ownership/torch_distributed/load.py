@@ -64,10 +64,11 @@ def load_distributed(
     group: dist.ProcessGroup | None = None,
     as_dtensor: bool = False,
     mmap: bool = True,
+    force_config: bool = False,
 ) -> DistributedResult:
     """Load this process's share of `checkpoint`: rank `dist.get_rank(group)` on `mesh`.
 
-    `ruleset`, `params`, `config` and `dtype` are as in `ownership.load`; host tensors may be views of the file's
+    `ruleset`, `params`, `config`, `force_config` and `dtype` are as in `ownership.load`; host tensors may be views of the file's
     pages (`mmap`, as there).
 
     `mesh` is an ownership mesh (`"pp=2,ep=4"`, a mapping, a `Mesh`) or a `DeviceMesh` with named dims (then
@@ -113,7 +114,9 @@ def load_distributed(
     rank = dist.get_rank(group)
     if isinstance(ruleset, str) and ruleset == "auto":
         with open_checkpoint(checkpoint) as opened:
-            ruleset = detect_ruleset(merge_configs(opened.config, config), source=str(checkpoint))
+            ruleset = detect_ruleset(
+                merge_configs(opened.config, config, force=force_config), source=str(checkpoint)
+            )
     ruleset = load_ruleset(ruleset)
     if as_dtensor:
         if device_mesh is None:
@@ -132,6 +135,7 @@ def load_distributed(
             device=device,
             dtype=dtype,
             mmap=mmap,
+            force_config=force_config,
         )
         # A rank that fails still takes part in the collective below, or the other ranks hang.
         summary = summarize(loaded, mesh=mesh) if verify else None

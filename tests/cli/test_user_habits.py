@@ -15,6 +15,7 @@ import torch
 import ownership
 from ownership import RulesetError, load_ruleset
 from ownership.cli import main
+from ownership.spec.builtin import builtin_names
 from ownership.torch_distributed import load_distributed
 from tests.conftest import FIXTURES, ROOT
 
@@ -53,7 +54,7 @@ def test_a_loaded_share_fits_load_state_dict(tmp_path: Path) -> None:
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
     everything = ownership.Ruleset.from_text('name = "all"\ndefault = "replicate"\n')
     fresh.load_state_dict(
-        ownership.load(everything, tmp_path / "model.safetensors", mesh="tp=1", rank=0).tensors
+        ownership.load(everything, tmp_path / "model.safetensors", mesh="dp=1", rank=0).tensors
     )
     assert all(
         torch.equal(a, b)
@@ -167,7 +168,7 @@ def test_tables_fit_the_width_they_are_given(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """before: piped tables were always 200 columns with trailing spaces, ignoring COLUMNS; adapter keys broke
-    over three lines at 100 columns; `rules list` was 50 lines at 80 columns."""
+    over three lines at 100 columns; `rules list` was 50 lines at 80 columns (now a line per ruleset)."""
     argv = ["plan", "vllm-ep-lora", str(ADAPTER), "--config", str(CONFIG), "--mesh", "ep=2", "--rank", "1"]
     monkeypatch.setenv("COLUMNS", "100")
     _, out, _ = _run(argv, capsys)
@@ -179,7 +180,7 @@ def test_tables_fit_the_width_they_are_given(
     assert not any("…" in line for line in _lines(wide))
     monkeypatch.setenv("COLUMNS", "80")
     _, out, _ = _run(["rules", "list"], capsys)
-    assert len(_lines(out)) <= 10 and all(len(line) <= 80 for line in _lines(out))
+    assert len(_lines(out)) == 1 + len(builtin_names()) and all(len(line) <= 80 for line in _lines(out))
     monkeypatch.delenv("COLUMNS")
     _, out, _ = _run(argv, capsys)
     assert not any("…" in line for line in _lines(out))  # piped, no COLUMNS: nothing cut
@@ -225,8 +226,8 @@ def test_a_misspelled_field_names_itself_and_every_other_problem() -> None:
     with pytest.raises(RulesetError) as info:
         ownership.Ruleset.from_text(text, source="x.toml")
     assert str(info.value) == (
-        "x.toml: rule 'r': unknown field 'place.e.ovr' (and 2 more problems): found 'ovr', expected one of: heads, "
-        "over, parts, size, sizes, strategy, table, uneven. Fix: correct its spelling (did you mean 'over'?)\n"
+        "x.toml: rule 'r': unknown field 'place.e.ovr' (and 2 more problems): found 'ovr', expected one of: align, "
+        "extra, heads, over, pad, parts, size, sizes, strategy, table, uneven. Fix: correct its spelling (did you mean 'over'?)\n"
         "    also: rule 'r': missing field 'place.e.over'\n"
         "    also: rule 'r': Input should be a valid string 'place.e.strategy'"
     )

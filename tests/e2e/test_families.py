@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from ownership import load_ruleset
+from ownership import Ruleset, load_ruleset
 from ownership.formats import open_checkpoint
 from ownership.formats.shardfile import Assembler
 from ownership.lint import lint
@@ -34,6 +34,17 @@ from tests.conftest import FIXTURES
 
 KINDS = ("base", "base_fused", "lora_per_expert", "lora_fused", "lora")
 MESHES = [f"pp={pp},ep={ep},tp={tp}" for pp in (1, 2) for ep in (2, 3, 4) for tp in (1, 2, 4)]
+
+
+def meshes_for(ruleset: Ruleset, meshes: list[str]) -> list[str]:
+    """The meshes on the ruleset's own axes: a dense ruleset places nothing over ep, and a mesh with an axis its
+    ruleset does not place is refused."""
+    out = []
+    for text in meshes:
+        kept = ",".join(item for item in text.split(",") if item.split("=")[0] in ruleset.spec.axes)
+        if kept not in out:
+            out.append(kept)
+    return out
 
 
 def family_checkpoints() -> Iterator[tuple[str, str]]:
@@ -72,7 +83,7 @@ def test_family_reconstructs_and_matches_vllm(family: str, kind: str, strategy: 
     folder = FIXTURES / family / kind
     expected = original(folder)
     meshes = MESHES if strategy == "linear" else [m for m in MESHES if "tp=1" in m and "pp=1" in m]
-    for text in meshes:
+    for text in meshes_for(ruleset, meshes):
         mesh = Mesh.parse(text)
         params = ruleset.resolve_params(_given(ruleset, strategy), config=config)
         oracle = Oracle(config, params, mesh)
@@ -133,6 +144,23 @@ def experts_of(num_experts: int, num_ranks: int, rank: int, strategy: str) -> se
     return set(range(start, start + base + (rank < extra)))
 
 
+# vLLM 0.33.0 builds these without a pipeline guard, so every stage loads them, for these model types
+# (docs/reference/vllm-real-models.md, section 0): Qwen3-Next guards only its norm.
+NORM_EVERY_STAGE = {
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "gpt_oss",
+    "granitemoe",
+    "jamba",
+    "olmoe",
+    "phimoe",
+    "dbrx",
+}
+HEAD_EVERY_STAGE = NORM_EVERY_STAGE | {"qwen3_next"}
+EMBED_EVERY_STAGE = HEAD_EVERY_STAGE
+
+
 class Oracle:
     def __init__(self, config: dict[str, Any], params: dict[str, Any], mesh: Mesh) -> None:
         self.num_layers = params["num_layers"]
@@ -153,11 +181,15 @@ class Oracle:
         if layer is not None:
             if int(layer.group(1)) not in pp_layers(self.num_layers, last + 1, pp):
                 return False
+            if self.family == "gpt_oss" and key.endswith(".experts.down_proj_bias") and coords.get("tp", 0):
+                return False  # vLLM adds it once, after the all-reduce: only tp rank 0 reads it
             expert = _EXPERT.search(key)
             return expert is None or int(expert.group(1)) in self._experts(coords)
         if key.endswith(("embed_tokens.weight", "wte.weight")):
-            return pp == 0 or (self.tied and pp == last)
-        return pp == last  # lm_head and the final norm
+            return self.family in EMBED_EVERY_STAGE or pp == 0 or (self.tied and pp == last)
+        if key.endswith("lm_head.weight"):
+            return self.family in HEAD_EVERY_STAGE or pp == last
+        return self.family in NORM_EVERY_STAGE or pp == last  # the final norm
 
     def selection(self, key: str, shape: tuple[int, ...], coords: dict[str, int]) -> list[list[int]]:
         whole = [list(range(n)) for n in shape]
@@ -223,7 +255,7 @@ class Oracle:
             out[d] = chunk(shape[d], num_t, t)
         elif key.endswith(".experts.gate_up_proj_bias"):  # [E, 2I]
             out[0], out[1] = experts, chunk(shape[1], num_t, t)
-        elif key.endswith(".experts.down_proj_bias"):  # [E, H]: a row layer's bias, whole
+        elif key.endswith(".experts.down_proj_bias"):  # [E, H]: a row layer's bias, whole on tp rank 0
             out[0] = experts
         elif key.endswith(".experts.base_layer.lora_B.weight"):  # [2I, r*E], interleaved rows
             out[0], out[1] = chunk(shape[0], num_t, t), self._expert_cols(shape[1], experts)
@@ -292,12 +324,17 @@ LINT_MESHES = ["pp=2,ep=3,tp=4", "ep=4,tp=2", "pp=2,ep=2"]
 
 @pytest.mark.parametrize(("family", "kind"), CHECKPOINTS, ids=[f"{f}/{k}" for f, k in CHECKPOINTS])
 def test_family_lints_clean(family: str, kind: str) -> None:
+    """No error and no warning, except the imbalance a two-layer, six-expert fixture really has on these meshes
+    (layer 0 dense and layer 1 MoE on two stages, 6 experts over ep=4): real checkpoints are held to no warning
+    at all (tests/e2e/test_real_checkpoints.py)."""
     config = base_config(family)
     name = load_ruleset(config["model_type"]).name
     params = load_ruleset(name).resolve_params(config=config)
-    for mesh in LINT_MESHES:
+    for mesh in meshes_for(load_ruleset(name), LINT_MESHES):
         report = lint(name, FIXTURES / family / kind, mesh=mesh, params=params)
-        assert [str(f) for f in report.findings if f.level != "info"] == [], mesh
+        assert [
+            str(f) for f in report.findings if f.level != "info" and f.check not in {"byte-imbalance"}
+        ] == [], mesh
         assert report.exit_code == 0
 
 

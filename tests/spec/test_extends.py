@@ -127,7 +127,7 @@ match = "**.weight"
 id = "strict"
 match = "**.bias"
 """
-    report = lint("t.toml", ["a.weight", "a.bias"], mesh="tp=1", text=text)
+    report = lint("t.toml", ["a.weight", "a.bias"], mesh="dp=1", text=text)
     assert sorted((f.check, f.rule) for f in report.findings if f.level == "error") == [
         ("shadowed-rule", "strict")
     ]

@@ -22,7 +22,7 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
     assert error.code == "schema"
     assert str(error) == (
         "bad.toml: rule 'routed': unknown field 'placee': found 'placee', expected one of: doc, drop, id, layout, "
-        "match, optional, overrides, pin, place, regex, rename, sizes, variant, when. Fix: correct its spelling (did you "
+        "match, optional, overrides, pin, place, regex, rename, replicate, sizes, variant, when. Fix: correct its spelling (did you "
         "mean 'place'?)"
     )
 
@@ -30,8 +30,8 @@ def test_unknown_field_lists_the_allowed_ones() -> None:
 def test_unknown_placement_field() -> None:
     error = error_of(HEAD + GOOD_MATCH + PLACE.replace("size", "sise"))
     assert str(error) == (
-        "bad.toml: rule 'routed': unknown field 'place.expert.sise': found 'sise', expected one of: heads, over, "
-        "parts, size, sizes, strategy, table, uneven. Fix: correct its spelling (did you mean 'size'?)"
+        "bad.toml: rule 'routed': unknown field 'place.expert.sise': found 'sise', expected one of: align, extra, "
+        "heads, over, pad, parts, size, sizes, strategy, table, uneven. Fix: correct its spelling (did you mean 'size'?)"
     )
 
 
@@ -68,7 +68,8 @@ def test_unknown_axis() -> None:
     assert error.code == "unknown-axis"
     assert str(error) == (
         "bad.toml: rule 'routed': unknown axis 'tp' in place.expert.over: found 'tp', expected one of the "
-        "ruleset's axes ['ep']. Fix: add 'tp' to `axes` at the top of the file, or correct the spelling"
+        "ruleset's axes ['ep']. Fix: add 'tp' to `axes` at the top of the file, or correct the spelling (did you "
+        "mean 'ep'?)"
     )
 
 
