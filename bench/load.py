@@ -1,8 +1,10 @@
-"""Peak memory and time of loading rank 3 of ep=8 from a ~1 GB synthetic MoE LoRA adapter.
+"""Peak memory and time of loading rank 3 of ep=8 from ~1 GB synthetic MoE checkpoints.
 
 Four adapters, each about 1 GB of float32 (24 MoE layers, 64 experts, hidden 2048, expert intermediate 1408,
-r = 16): per-expert 2-D keys and PEFT's fused expert LoRA, each as safetensors and as `.bin`. For each, three
-runs, each in a fresh process with the page cache warm:
+r = 16): per-expert 2-D keys and PEFT's fused expert LoRA, each as safetensors and as `.bin`; and a quantized
+base checkpoint of about 1 GB, block FP8 as DeepSeek-V3 publishes it (2 MoE layers of 64 experts of the same
+sizes, F8_E4M3 weights and their F32 `weight_scale_inv` per 128 x 128 block), decided by transformers-moe with
+its scales following their weights. For each, runs in fresh processes with the page cache warm:
 
 - `ownership`: `ownership.loader.load(vllm-ep-lora, ..., mesh=ep=8, rank=3)`, whose large whole-row tensors
   are copy-on-write views of the file's pages, populated (the default, `mmap=True`);
@@ -31,13 +33,30 @@ from pathlib import Path
 from typing import Any
 
 LAYERS, EXPERTS, HIDDEN, INTER, R = 24, 64, 2048, 1408, 16
+FP8_LAYERS = 2
 EP, RANK = 8, 3
 MIB = 2**20
+FP8_CONFIG = {
+    "model_type": "deepseek_v3",
+    "num_hidden_layers": FP8_LAYERS,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "n_routed_experts": EXPERTS,
+    "hidden_size": HIDDEN,
+    "moe_intermediate_size": INTER,
+    "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]},
+}
+
+
+def setup(path: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """The ruleset, params and config a bench checkpoint is loaded with."""
+    if path.name.startswith("fp8"):
+        return "transformers-moe", {}, FP8_CONFIG
+    return "vllm-ep-lora", {"num_experts": EXPERTS}, None
 
 
 def make_adapters(folder: Path) -> dict[str, Path]:
     import torch
-    from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -45,10 +64,20 @@ def make_adapters(folder: Path) -> dict[str, Path]:
         "per-expert .bin": folder / "per_expert.bin",
         "fused safetensors": folder / "fused.safetensors",
         "fused .bin": folder / "fused.bin",
+        "fp8-block experts": folder / "fp8_experts.safetensors",
     }
     if all(p.exists() for p in paths.values()):
         return paths
     generator = torch.Generator().manual_seed(0)
+    if not all(p.exists() for name, p in paths.items() if not name.startswith("fp8")):
+        _make_lora(paths, generator)
+    _make_fp8(paths["fp8-block experts"], generator)
+    return paths
+
+
+def _make_lora(paths: dict[str, Path], generator: Any) -> None:
+    import torch
+    from safetensors.torch import save_file
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator)
@@ -80,7 +109,27 @@ def make_adapters(folder: Path) -> dict[str, Path]:
     del per_expert
     save_file(fused, str(paths["fused safetensors"]))
     torch.save(fused, paths["fused .bin"])
-    return paths
+
+
+def _make_fp8(path: Path, generator: Any) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    fp8: dict[str, torch.Tensor] = {}
+    for layer in range(FP8_LAYERS):
+        base = f"model.layers.{layer}.mlp.experts"
+        for e in range(EXPERTS):
+            for proj, (out, inp) in (
+                ("gate_proj", (INTER, HIDDEN)),
+                ("up_proj", (INTER, HIDDEN)),
+                ("down_proj", (HIDDEN, INTER)),
+            ):
+                fp8[f"{base}.{e}.{proj}.weight"] = rand(out, inp).to(torch.float8_e4m3fn)
+                fp8[f"{base}.{e}.{proj}.weight_scale_inv"] = rand(-(-out // 128), -(-inp // 128)).abs()
+    save_file(fp8, str(path))
 
 
 def _status(field: str) -> int:
@@ -101,13 +150,14 @@ def child(mode: str, path: Path) -> dict[str, Any]:
     from ownership.loading.plan import build_plan
     from ownership.placement.selection import dim_indices
 
-    ruleset = load_ruleset("vllm-ep-lora")
-    params = {"num_experts": EXPERTS}
+    name, params, config = setup(path)
+    ruleset = load_ruleset(name)
     ranges: list[tuple[int, int]] = []
     if mode == "raw":
         # Byte ranges of the owned rows, from the headers, worked out before the clock starts.
         with open_checkpoint(path) as ckpt:
-            plan = build_plan(ruleset.bind(mesh=f"ep={EP}", params=params), ckpt.entries(), rank=RANK)
+            bound = ruleset.bind(mesh=f"ep={EP}", params=params, config=config)
+            plan = build_plan(bound, ckpt.entries(), rank=RANK)
             # .bin files resolve a record's data offset on demand; safetensors entries carry it.
             locate = getattr(ckpt, "data_offset", None)
             offsets = {e.key: locate(e.key) if locate else e.offset for e in ckpt.entries()}
@@ -127,7 +177,9 @@ def child(mode: str, path: Path) -> dict[str, Any]:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
     if mode in ("ownership", "copies"):
-        result = load(ruleset, path, mesh=f"ep={EP}", rank=RANK, params=params, mmap=mode == "ownership")
+        result = load(
+            ruleset, path, mesh=f"ep={EP}", rank=RANK, params=params, config=config, mmap=mode == "ownership"
+        )
         owned, read = result.stats.bytes_owned, result.stats.bytes_read
     elif mode == "naive":
         if path.suffix == ".safetensors":

@@ -31,6 +31,7 @@ from ownership.spec.builtin import RuleSource, builtin_for_family, rule_source
 from ownership.spec.extends import resolve_spec
 from ownership.spec.params import config_sections, resolve_params
 from ownership.spec.program import Program, analyze, param_users
+from ownership.spec.quant import quantization_config, select_family
 from ownership.spec.schema import RulesetSpec, load_ruleset_spec, parse_ruleset
 
 if TYPE_CHECKING:
@@ -125,10 +126,13 @@ class Ruleset:
         """
         mesh_obj = to_mesh(mesh)
         resolved = self.resolve_params(params, config=config)
-        cache_key = json.dumps([mesh_obj.axes, sorted(resolved.items())], default=str)
+        family = select_family(quantization_config(config), source=str(self.origin))
+        cache_key = json.dumps(
+            [mesh_obj.axes, sorted(resolved.items()), None if family is None else repr(family)], default=str
+        )
         bound = self._bound.get(cache_key)
         if bound is None:
-            bound = self._bound[cache_key] = bind(self.program, mesh=mesh_obj, params=resolved)
+            bound = self._bound[cache_key] = bind(self.program, mesh=mesh_obj, params=resolved, family=family)
         return bound
 
     def compile(

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -118,7 +119,8 @@ _EXAMPLES = {
     "plan": """examples:
   ownership plan path/to/model --mesh pp=2,ep=4 --all-ranks          # the ruleset from config.json's model_type
   ownership plan vllm-ep-lora path/to/adapter --mesh ep=8 --rank 3 --config path/to/base/config.json
-  ownership plan llama --keys keys.tsv --mesh tp=4 --all-ranks --format json""",
+  ownership plan llama --keys keys.tsv --mesh tp=4 --all-ranks --format json
+  ownership plan path/to/model --legal-meshes 8      # which meshes of 8 ranks fit, why the others do not""",
     "load": """examples:
   ownership load path/to/model --mesh ep=8 --rank 3 --out rank3.safetensors
   ownership load vllm-ep-lora path/to/adapter --mesh ep=8 --rank 3 --param num_experts=128 --out r3.safetensors""",
@@ -180,8 +182,14 @@ def _parser() -> argparse.ArgumentParser:
     plan_.add_argument("--keys", type=Path, help=_KEYS_HELP)
     which = plan_.add_mutually_exclusive_group(required=True)
     which.add_argument("--rank", type=int, help="one rank")
+    which.add_argument(
+        "--legal-meshes",
+        type=int,
+        metavar="WORLD",
+        help="lint every mesh of WORLD ranks over the ruleset's axes: which are legal, why the others are not",
+    )
     which.add_argument("--all-ranks", action="store_true", help="every rank of the mesh")
-    _common(plan_)
+    _common(plan_, mesh=False)
     plan_.add_argument("--wide", action="store_true", help="print keys whole, however wide the terminal")
     plan_.set_defaults(handler=_plan)
 
@@ -241,8 +249,14 @@ def _parser() -> argparse.ArgumentParser:
 _FORMAT_HELP = "text for people (the default), json for programs"
 
 
-def _common(parser: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("table", "json")) -> None:
-    parser.add_argument("--mesh", required=True, help="mesh axes in rank order, e.g. pp=2,ep=4")
+def _common(
+    parser: argparse.ArgumentParser, *, formats: tuple[str, ...] = ("table", "json"), mesh: bool = True
+) -> None:
+    parser.add_argument(
+        "--mesh",
+        required=mesh,
+        help="mesh axes in rank order, e.g. pp=2,ep=4" + ("" if mesh else " (not with --legal-meshes)"),
+    )
     parser.add_argument(
         "--param",
         action="append",
@@ -398,6 +412,12 @@ def _existing_checkpoint(text: str) -> str:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    if args.legal_meshes is not None:
+        return _legal_meshes(args)
+    if args.mesh is None:
+        raise OwnershipError(
+            "no mesh", expected="--mesh, e.g. pp=2,ep=4", fix="pass --mesh (or --legal-meshes WORLD)"
+        )
     with _inputs(args) as given:
         if given.source is None:
             raise OwnershipError("nothing to plan", fix="give a checkpoint path or --keys FILE")
@@ -422,6 +442,49 @@ def _plan(args: argparse.Namespace) -> int:
         print_mesh_plan(result, given.name, bound=bound)
     else:
         print_rank_plan(result, given.name, wide=args.wide)
+    return 0
+
+
+def _legal_meshes(args: argparse.Namespace) -> int:
+    """`plan --legal-meshes WORLD`: every mesh of WORLD ranks, legal or not and why, with its bytes per rank."""
+    from ownership.lint.legal import legal_meshes  # lint's modules are imported when a command needs them
+
+    if args.mesh is not None:
+        raise OwnershipError("--mesh and --legal-meshes together", fix="drop --mesh: every mesh is tried")
+    with _inputs(args) as given:
+        if given.source is None:
+            raise OwnershipError("nothing to plan", fix="give a checkpoint path or --keys FILE")
+        found = legal_meshes(
+            given.ruleset,
+            given.source,
+            world=args.legal_meshes,
+            params=given.params,
+            config=given.config,
+            force_config=given.force_config,
+        )
+    if args.format == "json":
+        print_json([dataclasses.asdict(v) for v in found])
+        return 0
+    print(
+        f"{given.name}: meshes of {args.legal_meshes} ranks over {', '.join(given.ruleset.spec.axes)}, ruleset "
+        f"{given.ruleset.name}"
+    )
+    print_table(
+        ["mesh", "verdict", "max/rank", "max/mean", "why (or the first warning)"],
+        [
+            [
+                v.mesh,
+                "legal" if v.legal else "illegal",
+                "" if v.max_bytes is None else human_bytes(v.max_bytes),
+                "" if v.max_over_mean is None else f"{v.max_over_mean:.3f}",
+                v.reason,
+            ]
+            for v in found
+        ],
+        align_right={2, 3},
+        shrink={4: "end"},
+        wide=args.wide,
+    )
     return 0
 
 

@@ -47,6 +47,7 @@ from ownership.placement.strategy import Layers, Part, Shard, Strategy, make_str
 from ownership.spec.layout import Layout
 from ownership.spec.params import evaluate_size, known_size
 from ownership.spec.program import AnalyzedRule, Match, Program
+from ownership.spec.quant import Family
 from ownership.spec.schema import STRATEGIES, PlacementSpec
 
 __all__ = [
@@ -84,6 +85,9 @@ class DimPlacement:
 
 class BoundRule:
     """One rule with params and mesh resolved."""
+
+    companion = False
+    """Whether it decides a quantized weight's companions (`ownership.compile.quant.CompanionRule`)."""
 
     def __init__(
         self,
@@ -542,7 +546,9 @@ def _compose(sizes: tuple[int, ...], owned: tuple[tuple[int, ...] | None, ...]) 
 class BoundRuleset:
     """A ruleset with params and mesh resolved: per-rank deciders and whole-mesh owners."""
 
-    def __init__(self, program: Program, *, mesh: Mesh, params: Mapping[str, Any]) -> None:
+    def __init__(
+        self, program: Program, *, mesh: Mesh, params: Mapping[str, Any], family: Family | None = None
+    ) -> None:
         _check_axes(program, mesh)
         model_dims: dict[str, tuple[int, str]] = {}
         for name, ref in program.spec.dims.items():
@@ -552,20 +558,46 @@ class BoundRuleset:
         active = tuple(rule for rule in program.rules if rule_applies(rule, params))
         if len(active) != len(program.rules):
             program = program.subset(active)
+        if family is not None:
+            program = program.with_companions(family.companion_suffixes)
         self.program = program
         self.mesh = mesh
         self.params = dict(params)
         self.default = program.spec.default
-        self.rules = tuple(
-            BoundRule(rule, mesh=mesh, params=params, source=program.source, model_dims=model_dims)
+        self.family = family
+        """The quantization family of the checkpoint (`ownership.spec.quant`), or None."""
+        bases = {
+            rule.index: BoundRule(
+                rule, mesh=mesh, params=params, source=program.source, model_dims=model_dims
+            )
             for rule in program.rules
-        )
+            if rule.companion_of is None
+        }
+        rules: list[BoundRule] = []
+        for rule in program.rules:
+            if rule.companion_of is None:
+                rules.append(bases[rule.index])
+            else:
+                from ownership.compile.quant import CompanionRule  # it builds on BoundRule
+
+                assert family is not None
+                rules.append(
+                    CompanionRule(
+                        rule,
+                        base=bases[rule.companion_of],
+                        family=family,
+                        mesh=mesh,
+                        params=params,
+                        source=program.source,
+                    )
+                )
+        self.rules = tuple(rules)
         self.by_index = {rule.rule.index: rule for rule in self.rules}
-        self.by_id = {rule.id: rule for rule in self.rules}
+        self.by_id = {rule.id: rule for rule in self.rules if not rule.companion}
         # The program's branch of each rule, to its bound rule: `classify` runs once per key of whole-mesh work.
         self._match = program.match
         self._by_group = {group: self.by_index[rule.index] for group, rule in program.by_group.items()}
-        self.owners_cache: dict[tuple[str, tuple[int, ...], tuple[int, ...] | None], list[Owner]] = {}
+        self.owners_cache: dict[tuple[int, str, tuple[int, ...], tuple[int, ...] | None], list[Owner]] = {}
 
     def classify(self, key: str) -> tuple[BoundRule, Match] | None:
         """The bound rule that decides `key`, with its match; None when no rule matches."""
@@ -623,6 +655,9 @@ def rule_applies(rule: AnalyzedRule, params: Mapping[str, Any]) -> bool:
     return all(params.get(name) == value for name, value in rule.spec.when.items())
 
 
-def bind(program: Program, *, mesh: Mesh, params: Mapping[str, Any]) -> BoundRuleset:
-    """Resolve sizes and strategies of every rule for `mesh` and `params` (already resolved)."""
-    return BoundRuleset(program, mesh=mesh, params=params)
+def bind(
+    program: Program, *, mesh: Mesh, params: Mapping[str, Any], family: Family | None = None
+) -> BoundRuleset:
+    """Resolve sizes and strategies of every rule for `mesh` and `params` (already resolved); with a
+    quantization `family`, the rules for linear weights also decide the family's companions."""
+    return BoundRuleset(program, mesh=mesh, params=params, family=family)

@@ -73,7 +73,7 @@ def rule_owners(
 
     The same for every key with these ids and this shape, so it is cached on `bound`.
     """
-    cache_key = (rule.id, ids, shape)
+    cache_key = (rule.rule.index, key.rpartition(".")[2] if rule.companion else "", ids, shape)
     cached = bound.owners_cache.get(cache_key)
     if cached is not None:
         return cached

@@ -70,6 +70,13 @@ CHECKS: dict[str, tuple[Level, str]] = {
     ),
     "mesh-axis": ("error", "a mesh axis that the ruleset neither places nor replicates along"),
     "wrong-ruleset": ("warning", "a built-in ruleset named for a model_type another built-in serves"),
+    "quant-misaligned": (
+        "error",
+        "a cut of a quantized weight that splits a block, group or pack (the axis sizes that do not are listed)",
+    ),
+    "quant-companion-shape": ("error", "a quantization companion whose shape is not its family's formula"),
+    "quant-orphan": ("error", "a companion with no weight, or a quantized weight missing a companion"),
+    "quant-companion-rule": ("error", "a companion decided by another rule than its weight"),
     "empty-coordinate": ("warning", "an ep rank with no expert, or a pp stage with no layer"),
     "expert-count": ("warning", "num_experts disagrees with the experts the checkpoint has"),
 }

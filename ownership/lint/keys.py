@@ -37,6 +37,7 @@ from ownership.gcpause import paused_gc
 from ownership.lint.balance import Balance
 from ownership.lint.finding import LintReport
 from ownership.lint.lora import LoraPairs, LoraRanks
+from ownership.lint.quant import QuantCheck
 from ownership.lint.replication import Replication
 from ownership.lint.spread import Spread
 from ownership.loading.entries import EntryLike, entry_nbytes, selected_nbytes
@@ -63,6 +64,7 @@ class _Pass:
     lost: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
     doubled: dict[tuple[str, str], list[str]] = field(default_factory=lambda: defaultdict(list))
     spread: Spread = field(default_factory=Spread)
+    quant: QuantCheck | None = None
     local_names: dict[int, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
     collisions: list[tuple[int, str, str, str]] = field(default_factory=list)
     pairs: LoraPairs = field(default_factory=LoraPairs)
@@ -89,6 +91,8 @@ def check_keys(
     state = _Pass(
         bound=bound, report=report, balance=Balance(bound.mesh.num_ranks), replication=Replication(bound)
     )
+    if bound.family is not None:
+        state.quant = QuantCheck(bound.family)
     state.ranks = LoraRanks(config)
     with paused_gc():
         for entry in entries:
@@ -99,6 +103,8 @@ def check_keys(
     state.pairs.report(report)
     state.replication.report(report)
     state.spread.report(report)
+    if state.quant is not None:
+        state.quant.report(report)
     state.balance.report(report)
 
 
@@ -106,6 +112,8 @@ def _visit(state: _Pass, entry: EntryLike) -> None:
     bound = state.bound
     key = entry.key
     found = bound.classify(key)
+    if state.quant is not None:
+        state.quant.note(entry, DEFAULT_RULE if found is None else found[0].id)
     if found is None:
         if bound.default == "error":
             state.unmatched.append(key)
@@ -156,7 +164,8 @@ def _owned(
     """(rank, selection, bytes, local slots) of every owner (`rule_owners`); the same for every key with these
     ids, shape and dtype."""
     ids = _ids(state, rule, m, entry)
-    cache_key = (rule.id, ids, entry.shape, entry.dtype)
+    suffix = entry.key.rpartition(".")[2] if rule.companion else ""
+    cache_key = (rule.rule.index, suffix, ids, entry.shape, entry.dtype)
     owned = state.owned_cache.get(cache_key)
     if owned is None:
         shape = None if entry.shape is None else tuple(entry.shape)
@@ -177,7 +186,7 @@ def _ids(state: _Pass, rule: BoundRule, m: Match, entry: EntryLike) -> tuple[int
             state.lost[(rule.id, placement.name)].append(key)
         elif len(owners) > 1 and placement.strategy.name != "table":
             state.doubled[(rule.id, placement.name)].append(key)
-    if rule.dims:
+    if rule.dims and not rule.companion:  # a companion's cut is its weight's, whose coverage is checked
         if entry.shape is None:
             rule.selection(None, (), key)  # raises shape-needed
         else:
@@ -332,6 +341,8 @@ _KNOWN = {
     "layout-mismatch",
     "layout-ambiguous",
     "shape-needed",
+    "quant-misaligned",
+    "quant-companion-shape",
     "bad-capture",
     "shard-does-not-divide",
     "limit",

@@ -161,7 +161,7 @@ def _before(rule_id: str) -> str:
 
 def _cuts_first_dim(rule: BoundRule, axis: str, shape: tuple[int, ...], key: str) -> bool:
     """Whether the rule cuts this tensor's dim 0 over `axis` (a shape it does not fit is reported elsewhere)."""
-    if not any(dim.axis == axis for dim in rule.dims):
+    if rule.companion or not any(dim.axis == axis for dim in rule.dims):
         return False
     try:
         strategies = rule.dim_strategies(shape, key)

@@ -42,6 +42,8 @@ class Spread:
     """The highest captured expert id, per rule."""
 
     def note(self, rule: BoundRule, ids: Sequence[int], shape: Sequence[int] | None) -> None:
+        if rule.companion:
+            return  # its placement is its weight's
         if rule.id not in self.rules:
             self.rules[rule.id] = rule
         if rule.dims and shape is not None and rule.id not in self.shapes:

@@ -27,8 +27,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -89,6 +90,9 @@ class AnalyzedRule:
     """Every capture: name -> group name in the joined pattern."""
     place: dict[str, PlacementSpec]
     """The rule's own placements and those it takes from the ruleset's `[place]`."""
+    companion_of: int | None = None
+    """For a rule derived to decide a quantized weight's companions (`X.qweight`, `X.weight_scale_inv`): the
+    index of the rule for `X.weight` it follows."""
 
     @property
     def id(self) -> str:
@@ -143,6 +147,39 @@ class Program:
     def subset(self, rules: tuple[AnalyzedRule, ...]) -> Program:
         """The same ruleset with only `rules` (in their order) in the joined pattern."""
         return _join(self.spec, self.source, rules)
+
+    def with_companions(self, suffixes: Sequence[str]) -> Program:
+        """The program with, before each rule for a linear layer's `X.weight` (a 2-D layout or none), a rule
+        that decides `X.<suffix>` for each of `suffixes`: the tensors a quantization family stores beside, or
+        instead of, the weight. Each follows its weight's placement (`ownership.compile.quant`)."""
+        if not suffixes:
+            return self
+        tail = r"\.weight"
+        alternatives = "|".join(re.escape(s) for s in sorted(suffixes, key=len, reverse=True))
+        out: list[AnalyzedRule] = []
+        next_index = 1 + max((rule.index for rule in self.rules), default=-1)
+        for rule in self.rules:
+            regex = rule.pattern.regex
+            linear = all(len(layout.dims) == 2 for layout in rule.layouts)
+            if regex.endswith(tail) and linear and "lora_" not in regex and rule.companion_of is None:
+                index, next_index = next_index, next_index + 1
+                groups = {name: f"r{index}_{name}" for name in rule.groups}
+                out.append(
+                    dataclasses.replace(
+                        rule,
+                        index=index,
+                        pattern=CompiledPattern(
+                            source=rule.pattern.source,
+                            regex=regex[: -len(tail)] + rf"\.(?:{alternatives})",
+                            captures=rule.pattern.captures,
+                        ),
+                        groups=groups,
+                        captured={n: (groups[n], p) for n, (_, p) in rule.captured.items()},
+                        companion_of=rule.index,
+                    )
+                )
+            out.append(rule)
+        return _join(self.spec, self.source, tuple(out))
 
 
 _GROUP = re.compile(r"\(\?P?<([A-Za-z_][A-Za-z0-9_]*)>")

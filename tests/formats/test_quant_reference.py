@@ -4,7 +4,7 @@ Three kinds of evidence, none of which needs the tools installed:
 
 * every quantized fixture dequantizes, and agrees bit for bit (after casting to the tool's output
   dtype, ``-0`` taken as ``+0``) with the tool's own dequantization stored beside it in
-  ``dequant.expected.safetensors`` (SHA-256 of every weight, rows of a few);
+  ``dequant.expected`` (SHA-256 of every weight, rows of a few);
 * the element decoders equal torch's ``float8_e4m3fn`` / ``float8_e8m0fnu`` for all 256 codes and the
   OCP E2M1 value list;
 * each format's layout (pack order, nibble order, zero offset, ``g_idx``, partial blocks) is
@@ -30,7 +30,7 @@ from tests.fixtures.quant import dequant
 from tests.fixtures.quant.make_quant_fixtures import cut_units, quantize_fp8_block, vllm_cut
 
 QUANT = FIXTURES / "quant"
-EXPECTED = "dequant.expected.safetensors"
+EXPECTED = "dequant.expected"
 VARIANTS = sorted(p.parent.relative_to(QUANT).as_posix() for p in QUANT.glob(f"*/*/{EXPECTED}"))
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 E2M1_SPEC = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # OCP MX v1.0, table of FP4 E2M1 magnitudes

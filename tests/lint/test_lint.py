@@ -72,6 +72,22 @@ GPT_OSS = {
     "num_key_value_heads": 2,
     "num_local_experts": 4,
 }
+FP8 = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+FP8_LLAMA = {"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, **FP8}
+DOWN = "model.layers.0.mlp.down_proj"
+SCALES_FIRST = (
+    HEAD
+    + """
+[[rule]]
+id = "scales"
+match = "**.weight_scale_inv"
+[[rule]]
+id = "q"
+match = "**.q_proj.weight"
+layout = "out in"
+place = { out = { over = "tp", strategy = "shard" } }
+"""
+)
 SHAPED_KEYS = [(f"m.layers.0.mlp.experts.{e}.w1.weight", "F32", [8, 8]) for e in range(4)]
 
 # (check id, a ruleset/keys that trigger it, its fixed twin, the expected text)
@@ -305,6 +321,84 @@ CASES = [
         dict(text=None, ruleset="gpt-oss", keys=["model.layers.0.mlp.router.weight"], config=GPT_OSS),
         "warning wrong-ruleset: ruleset 'transformers-moe' is not made for model_type 'gpt_oss'; the built-in for it is "
         "'gpt-oss'. Fix: lint with 'gpt-oss' (or `auto`, which picks it from the config)",
+    ),
+    (
+        "quant-misaligned",
+        dict(
+            text=None,
+            ruleset="llama",
+            keys=[(f"{DOWN}.weight", "F8_E4M3", [32, 384]), (f"{DOWN}.weight_scale_inv", "F32", [1, 3])],
+            config=FP8_LLAMA,
+            mesh="tp=2",
+        ),
+        dict(
+            text=None,
+            ruleset="llama",
+            keys=[(f"{DOWN}.weight", "F8_E4M3", [32, 512]), (f"{DOWN}.weight_scale_inv", "F32", [1, 4])],
+            config=FP8_LLAMA,
+            mesh="tp=2",
+        ),
+        "error quant-misaligned: rule 'mlp-row': key 'model.layers.0.mlp.down_proj.weight_scale_inv': tp=2 cu"
+        "ts in (3 blocks of 128) inside a block (found 3 blocks of 128 along in, tp=2 -> 1.5 blocks on a rank"
+        ", expected whole blocks on every rank). Fix: use tp = 1, 3 (sizes that divide its 3 blocks), or a ch"
+        "eckpoint quantized with smaller blocks",
+    ),
+    (
+        "quant-companion-shape",
+        dict(
+            text=None,
+            ruleset="llama",
+            keys=[(f"{DOWN}.weight", "F8_E4M3", [32, 512]), (f"{DOWN}.weight_scale_inv", "F32", [1, 5])],
+            config=FP8_LLAMA,
+            mesh="tp=1",
+        ),
+        dict(
+            text=None,
+            ruleset="llama",
+            keys=[(f"{DOWN}.weight", "F8_E4M3", [32, 512]), (f"{DOWN}.weight_scale_inv", "F32", [1, 4])],
+            config=FP8_LLAMA,
+            mesh="tp=1",
+        ),
+        "error quant-companion-shape: key 'model.layers.0.mlp.down_proj.weight_scale_inv': shape [1, 5], wher"
+        "e fp8-block gives [1, 4] for its 'weight' of [32, 512]. Fix: check the quantization_config (block, g"
+        "roup and pack sizes) against the checkpoint",
+    ),
+    (
+        "quant-orphan",
+        dict(
+            text=None,
+            ruleset="llama",
+            keys=[(f"{DOWN}.weight_scale_inv", "F32", [1, 4])],
+            config=FP8_LLAMA,
+            mesh="tp=1",
+        ),
+        dict(
+            text=None,
+            ruleset="llama",
+            keys=[(f"{DOWN}.weight", "F8_E4M3", [32, 512]), (f"{DOWN}.weight_scale_inv", "F32", [1, 4])],
+            config=FP8_LLAMA,
+            mesh="tp=1",
+        ),
+        "error quant-orphan: key 'model.layers.0.mlp.down_proj.weight_scale_inv': 1 companion with no 'weight"
+        "' beside it (fp8-block). Fix: check the checkpoint: a fp8-block layer stores its values in 'weight'",
+    ),
+    (
+        "quant-companion-rule",
+        dict(
+            text=SCALES_FIRST,
+            keys=[("m.q_proj.weight", "F8_E4M3", [256, 128]), ("m.q_proj.weight_scale_inv", "F32", [2, 1])],
+            config=FP8,
+            mesh="tp=2",
+        ),
+        dict(
+            text=SCALES_FIRST.replace('match = "**.weight_scale_inv"', 'match = "**.other_scale"'),
+            keys=[("m.q_proj.weight", "F8_E4M3", [256, 128]), ("m.q_proj.weight_scale_inv", "F32", [2, 1])],
+            config=FP8,
+            mesh="tp=2",
+        ),
+        "error quant-companion-rule: rule 'scales': key 'm.q_proj.weight_scale_inv': decided by rule 'scales'"
+        ", but its weight by 'q'. Fix: let the rule for the weight decide its companions: narrow 'scales' so "
+        "it does not match them",
     ),
     (
         "mesh-axis",
