@@ -214,7 +214,7 @@ def expert_ids(plan: Plan, bound: BoundRuleset | None) -> list[int]:
     """The experts a rank holds: captured from its keys (`<expert>`), or, given `bound`, the `expert` ids of the
     fused tensors' layouts it holds part of."""
     ids: set[int] = set()
-    rules = {rule.id: rule for rule in bound.rules} if bound is not None else {}
+    rules = bound.by_id if bound is not None else {}
     for entry, decision in plan.owned_entries():
         value = decision.captures.get("expert")
         if isinstance(value, int):
@@ -224,7 +224,7 @@ def expert_ids(plan: Plan, bound: BoundRuleset | None) -> list[int]:
             continue
         for dim, (_, _, strategy) in zip(rule.dims, rule.dim_strategies(entry.shape, entry.key), strict=True):
             if dim.name == "expert":
-                ids.update(strategy.owned(plan.coords.get(dim.axis, 0)))
+                ids.update(strategy.owned(rule.mesh.coord(plan.coords, dim.axis)))
     return sorted(ids)
 
 

@@ -107,9 +107,13 @@ class BoundRule:
         self.captures = tuple(
             self._bind_capture(name, group, placement) for name, (group, placement) in rule.captured.items()
         )
+        # A dim placed on an axis that a capture is already split over on this mesh (tp inside the product axis
+        # ep=dp*tp) is not cut again: under vLLM's expert parallelism an expert is whole on its rank.
+        taken = {part for capture in self.captures for part in mesh.components(capture.axis)}
         self.dims = tuple(
             DimPlacement(name, placement.over, placement, self._strategy_name(placement, name))
             for name, placement in rule.dims.items()
+            if not taken & set(mesh.components(placement.over))
         )
         self.pins: dict[str, tuple[int, ...]] = {
             axis: tuple(
@@ -633,7 +637,7 @@ def _check_axes(program: Program, mesh: Mesh) -> None:
     """Every axis of the mesh is one the ruleset places or a replication axis: a misspelt axis would otherwise be
     an axis nothing is split over, and every rank would load everything."""
     placed = program.spec.axes
-    for axis in mesh.names:
+    for axis in [*mesh.names, *(name for name, _ in mesh.derived)]:
         if axis in placed or axis in REPLICATION_AXES or axis in program.spec.replicated_axes:
             continue
         close = did_you_mean(axis, [a for a in placed if a not in mesh.names] or placed)

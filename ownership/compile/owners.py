@@ -91,26 +91,51 @@ def _owner_coords(
 ) -> list[tuple[int, tuple[int, ...], dict[str, int]]]:
     """(rank, coordinates of the dim placements' axes, local slots) of every rank holding the placed ids."""
     mesh = bound.mesh
-    per_axis: dict[str, list[tuple[int, str | None, int]]] = {}
+    sizes = dict(mesh.axes)
+    # Each constraint: the declared axes it spans (several for a product axis such as ep=dp*tp), and the
+    # coordinates it allows on them, flattened row-major, with the capture's name and local slot.
+    constraints: list[tuple[tuple[str, ...], list[tuple[int, str | None, int]]]] = []
     for placement, g in zip(rule.captures, ids, strict=True):
-        per_axis[placement.axis] = [(c, placement.name, s) for c, s in placement.strategy.owners(g)]
+        constraints.append(
+            (
+                mesh.components(placement.axis),
+                [(c, placement.name, s) for c, s in placement.strategy.owners(g)],
+            )
+        )
     for axis, pinned in rule.pins.items():
-        per_axis[axis] = [(coord, None, 0) for coord in pinned]
+        constraints.append((mesh.components(axis), [(coord, None, 0) for coord in pinned]))
     fixed: dict[str, int] = {}
-    for axis in set(per_axis) - set(mesh.names):
-        # An axis the mesh does not declare has one coordinate, 0: the key is owned only if 0 holds it.
-        at_zero = [item for item in per_axis[axis] if item[0] == 0]
-        if not at_zero:
-            return []
-        fixed.update({name: slot for _, name, slot in at_zero if name})
-    choices = [per_axis.get(axis, [(c, None, 0) for c in range(size)]) for axis, size in mesh.axes]
-    dim_axes = [mesh.names.index(d.axis) if d.axis in mesh.names else -1 for d in rule.dims]
+    groups: list[tuple[tuple[str, ...], list[tuple[int, str | None, int]]]] = []
+    for parts, allowed in constraints:
+        if not parts:
+            # An axis the mesh does not declare has one coordinate, 0: the key is owned only if 0 holds it.
+            at_zero = [item for item in allowed if item[0] == 0]
+            if not at_zero:
+                return []
+            fixed.update({name: slot for _, name, slot in at_zero if name})
+        else:
+            groups.append((parts, allowed))
+    covered = {part for parts, _ in groups for part in parts}
+    groups += [
+        ((axis,), [(c, None, 0) for c in range(size)]) for axis, size in mesh.axes if axis not in covered
+    ]
+    dim_parts = [mesh.components(d.axis) for d in rule.dims]
     result = []
-    for combo in itertools.product(*choices):
-        coords = [c for c, _, _ in combo]
+    for combo in itertools.product(*(allowed for _, allowed in groups)):
+        coords: dict[str, int] = {}
+        for (parts, _), (flat, _, _) in zip(groups, combo, strict=True):
+            for part in reversed(parts):
+                flat, coords[part] = divmod(flat, sizes[part])
         rank = 0
-        for (_, size), c in zip(mesh.axes, coords, strict=True):
-            rank = rank * size + c
+        for axis, size in mesh.axes:
+            rank = rank * size + coords[axis]
         slots = {**fixed, **{name: slot for _, name, slot in combo if name is not None}}
-        result.append((rank, tuple(coords[i] if i >= 0 else 0 for i in dim_axes), slots))
+        dim_coords = []
+        for parts in dim_parts:
+            value = 0
+            for part in parts:
+                value = value * sizes[part] + coords[part]
+            dim_coords.append(value)
+        result.append((rank, tuple(dim_coords), slots))
+    result.sort(key=lambda item: item[0])
     return result

@@ -125,13 +125,14 @@ class _RankRule:
     def __init__(self, bound: BoundRule, coords: Mapping[str, int], bound_groups: Mapping[str, int]) -> None:
         self.bound = bound
         self.id = bound.id
+        mesh = bound.mesh
         self.never = bound.drop or any(
-            coords.get(axis, 0) not in pinned for axis, pinned in bound.pins.items()
+            mesh.coord(coords, axis) not in pinned for axis, pinned in bound.pins.items()
         )
         self.checks = tuple(
-            (p.name, p.group, p.strategy.slot_table(coords.get(p.axis, 0)), p) for p in bound.captures
+            (p.name, p.group, p.strategy.slot_table(mesh.coord(coords, p.axis)), p) for p in bound.captures
         )
-        self.dim_coords = tuple(coords.get(d.axis, 0) for d in bound.dims)
+        self.dim_coords = tuple(mesh.coord(coords, d.axis) for d in bound.dims)
         self.simple = bound.rule.rename is None and bound.rule.layout is None
         # For a simple rule with one placed int capture: digits text -> captures when owned, {} when not.
         # Texts outside the table (leading zeros, out of range) take the general path.

@@ -151,10 +151,9 @@ def _visit(state: _Pass, entry: EntryLike) -> None:
     side = state.pairs.note(key, rule.id, entry.shape, selections)
     if side is not None and rule.dims and entry.shape is not None:
         for dim, (_, _, strategy) in zip(rule.dims, rule.dim_strategies(entry.shape, key), strict=True):
-            axis_index = bound.mesh.names.index(dim.axis) if dim.axis in bound.mesh.names else None
+            mesh = bound.mesh
             side.ids[dim.name] = {
-                rank: list(strategy.owned(0 if axis_index is None else bound.mesh.coords(rank)[dim.axis]))
-                for rank in selections
+                rank: list(strategy.owned(mesh.coord(mesh.coords(rank), dim.axis))) for rank in selections
             }
 
 

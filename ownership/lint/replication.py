@@ -68,6 +68,7 @@ class Replication:
                     self.expert_axis = dim.axis
                     self.num_experts = self.num_experts or rule.known_sizes.get("expert")
         self._axes = [axis for axis, size in mesh.axes if size > 1]
+        self._expert_parts = frozenset(mesh.components(self.expert_axis)) if self.expert_axis else frozenset()
         self._splits: dict[str, frozenset[str]] = {}
 
     def splits(self, rule: BoundRule | None) -> frozenset[str]:
@@ -78,10 +79,14 @@ class Replication:
         if found is None:
             mesh = rule.mesh
             found = frozenset(
-                [c.axis for c in rule.captures]
-                + [d.axis for d in rule.dims if mesh.size(d.axis) > 1]
-                + list(rule.pins)
-                + rule.rule.spec.replicate
+                part
+                for axis in [
+                    *(c.axis for c in rule.captures),
+                    *(d.axis for d in rule.dims if mesh.size(d.axis) > 1),
+                    *rule.pins,
+                    *rule.rule.spec.replicate,
+                ]
+                for part in (mesh.components(axis) or (axis,))
             )
             self._splits[rule.id] = found
         return found
@@ -93,7 +98,7 @@ class Replication:
         module = key.rpartition(".")[0]
         expert_axis = self.expert_axis
         if expert_axis is not None:
-            if expert_axis in splits:
+            if self._expert_parts <= splits:
                 self.partitioned.append(key)
             elif "experts" in key.split("."):
                 self.carriers[(expert_axis, rule_id)].append(key)

@@ -4,12 +4,20 @@ The flat rank order is row-major over the declared axis order: the last axis var
 `ep = dp x pcp x tp`, declaring the axes in that order gives vLLM's `ep_rank`. An axis a ruleset places on but
 the mesh does not declare has size 1.
 
+An axis can also be a product of others, flattened row-major in the order given: `ep=dp*tp` declares an axis
+`ep` of size dp x tp whose coordinate is `dp_rank * tp + tp_rank`, vLLM's expert-parallel group under
+`--enable-expert-parallel` (experts spread over every rank of a pipeline stage, attention tensor-parallel within
+each dp group). A placement may name such a product directly as well (`over = ["dp", "tp"]`, or `dp*tp`).
+
 Example:
     >>> mesh = Mesh.parse("pp=2,ep=4")
     >>> mesh.num_ranks, mesh.coords(5)
     (8, {'pp': 1, 'ep': 1})
     >>> mesh.rank({"pp": 1, "ep": 1})
     5
+    >>> vllm = Mesh.parse("dp=2,tp=4,ep=dp*tp")
+    >>> vllm.num_ranks, vllm.size("ep"), vllm.coord(vllm.coords(6), "ep"), vllm.coord(vllm.coords(6), "tp")
+    (8, 8, 6, 2)
 """
 
 from __future__ import annotations
@@ -31,14 +39,32 @@ whatever the ruleset places."""
 _AXIS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Mesh:
     """Named axes with sizes, in declared order."""
 
     axes: tuple[tuple[str, int], ...]
+    derived: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """Axes that are products of declared ones (`ep=dp*tp`), by name."""
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.axes]
+        for name, parts in self.derived:
+            if not _AXIS.match(name) or name in names:
+                raise MeshError(
+                    f"axis {name!r} is declared twice in {self}"
+                    if name in names
+                    else f"axis name {name!r} is not an identifier",
+                    fix="give the product axis a name of its own, e.g. ep=dp*tp",
+                )
+            unknown = [p for p in parts if p not in names]
+            if unknown or len(set(parts)) != len(parts) or not parts:
+                raise MeshError(
+                    f"axis {name!r} is a product of axes the mesh does not declare, or of one axis twice",
+                    found="*".join(parts),
+                    expected=f"a product of distinct axes among {', '.join(names)}",
+                    fix=f"declare them first, e.g. {', '.join(f'{p}=2' for p in unknown or ['dp'])},{name}={'*'.join(parts)}",
+                )
         for name, size in self.axes:
             if not _AXIS.match(name):
                 raise MeshError(
@@ -68,12 +94,16 @@ class Mesh:
 
     @classmethod
     def parse(cls, text: str) -> Mesh:
-        """Parse `ep=4`, `pp=2,ep=4` or `pp=2 ep=4`."""
+        """Parse `ep=4`, `pp=2,ep=4` or `pp=2 ep=4`; `ep=dp*tp` declares a product axis."""
         axes: list[tuple[str, int]] = []
+        derived: list[tuple[str, tuple[str, ...]]] = []
         for item in re.split(r"[,\s]+", text.strip()):
             if not item:
                 continue
             name, sep, value = item.partition("=")
+            if sep and "*" in value:
+                derived.append((name.strip(), tuple(part.strip() for part in value.split("*"))))
+                continue
             if sep and value.strip().isdigit() and len(value.strip()) > 18:
                 # Past every limit, and int() refuses more than 4,300 digits.
                 raise limits.over_limit(
@@ -92,7 +122,7 @@ class Mesh:
             axes.append((name.strip(), int(value)))
         if not axes:
             raise MeshError(f"empty mesh {text!r}", fix="give at least one axis, e.g. ep=4")
-        return cls(tuple(axes))
+        return cls(tuple(axes), tuple(derived))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -105,12 +135,31 @@ class Mesh:
             total *= size
         return total
 
-    def size(self, axis: str) -> int:
-        """Size of an axis; 1 for an axis the mesh does not declare."""
-        for name, size in self.axes:
+    def components(self, axis: str) -> tuple[str, ...]:
+        """The declared axes an axis is made of: itself, a product axis's parts (`ep=dp*tp`, or `dp*tp` named
+        directly), or none for an axis the mesh does not declare (size 1)."""
+        for name, parts in self.derived:
             if name == axis:
-                return size
-        return 1
+                return parts
+        parts = tuple(axis.split("*")) if "*" in axis else (axis,)
+        return tuple(part for part in parts if part in self.names)
+
+    def size(self, axis: str) -> int:
+        """Size of an axis (a product axis: the product of its parts); 1 for an axis the mesh does not declare."""
+        total = 1
+        sizes = dict(self.axes)
+        for part in self.components(axis):
+            total *= sizes[part]
+        return total
+
+    def coord(self, coords: Mapping[str, int], axis: str) -> int:
+        """A rank's coordinate on an axis, from its coordinates on the declared ones (row-major over a product
+        axis's parts, the last fastest)."""
+        sizes = dict(self.axes)
+        value = 0
+        for part in self.components(axis):
+            value = value * sizes[part] + coords.get(part, 0)
+        return value
 
     def coords(self, rank: int) -> dict[str, int]:
         """Coordinates of a flat rank."""
@@ -147,8 +196,15 @@ class Mesh:
     def ranks(self) -> Iterator[int]:
         return iter(range(self.num_ranks))
 
+    def __repr__(self) -> str:
+        derived = f", derived={self.derived!r}" if self.derived else ""
+        return f"Mesh(axes={self.axes!r}{derived})"
+
     def __str__(self) -> str:
-        return ",".join(f"{name}={size}" for name, size in self.axes)
+        return ",".join(
+            [f"{name}={size}" for name, size in self.axes]
+            + [f"{name}={'*'.join(parts)}" for name, parts in self.derived]
+        )
 
 
 MeshLike: TypeAlias = Mesh | str | Mapping[str, int]

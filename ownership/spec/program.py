@@ -263,13 +263,13 @@ def effective_place(
     """The rule's placements plus each ruleset-level `[place.NAME]` whose index the rule captures or lays out,
     unless the rule already places that index or uses that axis (by a placement or a pin)."""
     place = dict(rule.place)
-    used = {p.over for p in place.values()} | set(rule.pin)
+    used = {axis for p in place.values() for axis in p.over.split("*")} | set(rule.pin)
     for name, placement in spec.place.items():
         if name in place or placement.over in used:
             continue
         if name in captures or (layout is not None and name in layout.names):
             place[name] = placement
-            used.add(placement.over)
+            used.update(placement.over.split("*"))
     return place
 
 
@@ -329,10 +329,11 @@ def _analyze_rule(
     for name, placement in place.items():
         for problem in _placement_problems(name, placement, rule, spec, pattern.captures, layout, source):
             report(problem)
-        if placement.over in axes_used:
+        overlap = [axis for axis in placement.over.split("*") if axis in axes_used]
+        if overlap:
             report(
                 RulesetError(
-                    f"indices {axes_used[placement.over]!r} and {name!r} are both placed on axis {placement.over!r}",
+                    f"indices {axes_used[overlap[0]]!r} and {name!r} are both placed on axis {overlap[0]!r}",
                     source=source,
                     rule=rule.id,
                     expected="at most one index per axis",
@@ -340,7 +341,7 @@ def _analyze_rule(
                     code="axis-placed-twice",
                 )
             )
-        axes_used[placement.over] = name
+        axes_used.update(dict.fromkeys(placement.over.split("*"), name))
         if name in pattern.captures:
             captured[name] = (group_names[name], placement)
         elif layout is not None and name in layout.names:
@@ -493,8 +494,9 @@ def _placement_problems(
     source: str,
 ) -> list[RulesetError]:
     out: list[RulesetError] = []
-    if placement.over not in spec.axes:
-        out.append(_unknown_axis(placement.over, rule, spec, source, what=f"place.{name}.over"))
+    for axis in placement.over.split("*"):
+        if axis not in spec.axes:
+            out.append(_unknown_axis(axis, rule, spec, source, what=f"place.{name}.over"))
     in_key = name in captures
     in_layout = layout is not None and name in layout.names
     if not in_key and not in_layout:

@@ -25,9 +25,9 @@ import os
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ownership.errors import RulesetError, did_you_mean, one_of, short
 from ownership.limits import MAX_RULE_FILE_BYTES, over_limit
@@ -89,6 +89,13 @@ class ParamSpec(StrictModel):
     )
 
 
+def _joined(value: Any) -> Any:
+    """`over = ["dp", "tp"]` as the product axis `dp*tp`."""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "*".join(value)
+    return value
+
+
 class PlacementSpec(StrictModel):
     """Place one named index (a key capture, a layout dim or factor) on a mesh axis.
 
@@ -96,7 +103,10 @@ class PlacementSpec(StrictModel):
     name or a product such as `num_heads*head_dim`); required for captures, inferred from the layout for dims.
     """
 
-    over: str
+    over: Annotated[str, BeforeValidator(_joined)] = Field(
+        description='The mesh axis the index is split over, or an ordered product of axes (`["dp", "tp"]` or '
+        '`"dp*tp"`), flattened row-major as vLLM\'s expert-parallel group is.'
+    )
     strategy: str = "linear"
     size: SizeRef | None = None
     table: list[list[int]] | str | None = None

@@ -158,7 +158,7 @@ def _ids(
             ids[placement.name] = (int(value),)
     if rule.dims and shape is not None:
         for dim, (_, _, strategy) in zip(rule.dims, rule.dim_strategies(shape, key), strict=True):
-            ids[dim.name] = tuple(strategy.owned(coords.get(dim.axis, 0)))
+            ids[dim.name] = tuple(strategy.owned(rule.mesh.coord(coords, dim.axis)))
     return ids
 
 
